@@ -1,0 +1,23 @@
+"""tonno_fast: fast, exact ToNNO (tomographic reconstruction of a neural network's output).
+
+Turn a 2D image encoder into a 3D heatmap: slice the volume at many orientations, score each slice, and
+invert the 3D Radon transform of the scores. See DESIGN.md for the maths and conventions:
+volumes are ``(B, C, D, H, W)`` with axes z, y, x and spacing in mm.
+"""
+from .backends import backends, BackendUnavailable
+from .filters import apply_filter
+from .geometry import Geometry, fibonacci_directions, make_geometry, parse_directions
+from .io import load_nifti, save_nifti
+from .ops import (affine_grid_sample, backproject, backproject_slices, filtered_backprojection, radon,
+                  slice_volume)
+from .pipeline import encode_slices, tomographic_heatmap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tomographic_heatmap", "encode_slices",
+    "slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample",
+    "filtered_backprojection", "apply_filter",
+    "Geometry", "make_geometry", "fibonacci_directions", "parse_directions",
+    "load_nifti", "save_nifti", "backends", "BackendUnavailable",
+]

@@ -1,0 +1,330 @@
+"""Slicing geometry: directions, in-plane frames, offsets, slice sizes and index-space maps.
+
+This is the only module that knows about frames and millimetres (DESIGN.md §2). Every backend
+receives the geometry already reduced to *index-space affine maps*, so kernels never recompute a frame:
+
+* ``slice_maps`` ``(N, 3, 4)``: continuous volume index ``(d, h, w) = M[n] @ (k, i, j, 1)`` of pixel
+  ``(i, j)`` of slice ``k`` of direction ``n`` (used by ``slice_volume`` and ``radon``).
+* ``volume_maps`` ``(N, 3, 4)``: the inverse, ``(k, i, j) = V[n] @ (d, h, w, 1)``: where voxel ``(d, h, w)``
+  falls in the stack of direction ``n`` (used by ``backproject_slices``; its row 0, the continuous slice
+  index ``k``, is what ``backproject`` needs).
+
+Conventions (all lengths in mm):
+
+* Volumes are ``(B, C, D, H, W)``; axes D, H, W are physical z, y, x with spacing ``(sz, sy, sx)``.
+  Voxel ``(d, h, w)`` sits at ``x = (w - (W-1)/2) sx``, ``y = (h - (H-1)/2) sy``, ``z = (d - (D-1)/2) sz``.
+* Vectors (directions, frame axes) are given in physical ``(x, y, z)`` order.
+* ``frames[n]`` is a 3x3 matrix whose *rows* are ``u, v, n`` (in-plane column axis, in-plane row axis,
+  normal). Pixel ``(i, j)`` of the slice at offset ``s`` sits at
+  ``p = s n + (j - (w-1)/2) δ u + (i - (h-1)/2) δ v``; offsets are ``s_k = (k - (S-1)/2) Δs``.
+* Default frame of a direction: the smallest rotation taking ``e_z`` to ``n`` applied to ``e_x``, ``e_y``,
+  so ``n = e_z`` gives exactly the axial image ``volume[d]`` (rows along y, columns along x).
+* Directions with ``n_z < 0`` are replaced by ``-n``: the same planes, offsets reversed. The default
+  quadrature weight is ``2π / N`` per direction (weights sum to the hemisphere's area).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Geometry",
+    "fibonacci_directions",
+    "frames_from_directions",
+    "parse_directions",
+    "make_geometry",
+    "normalize_spacing",
+    "bounding_radius",
+]
+
+ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
+
+_GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+
+
+def normalize_spacing(spacing, name: str = "spacing") -> Tuple[float, float, float]:
+    """Return voxel spacing as a tuple ``(sz, sy, sx)`` of positive finite floats (mm).
+
+    ``None`` means 1 mm isotropic; a single number means isotropic spacing.
+    """
+    if spacing is None:
+        return (1.0, 1.0, 1.0)
+    if isinstance(spacing, torch.Tensor):
+        spacing = spacing.detach().cpu().tolist()
+    if isinstance(spacing, (int, float, np.floating, np.integer)):
+        spacing = (float(spacing),) * 3
+    try:
+        vals = tuple(float(s) for s in spacing)
+    except TypeError:
+        raise TypeError(f"{name} must be a number or a sequence of 3 numbers (sz, sy, sx) in mm, "
+                        f"got {type(spacing).__name__}") from None
+    if len(vals) != 3:
+        raise ValueError(f"{name} must have 3 entries (sz, sy, sx) in mm, got {len(vals)}: {vals}")
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"{name} must be positive and finite (mm), got {vals}")
+    return vals
+
+
+def fibonacci_directions(n: int, dtype=torch.float64) -> torch.Tensor:
+    """``n`` near-uniform unit vectors on the upper hemisphere (Fibonacci lattice), ``(n, 3)`` in (x, y, z).
+
+    ``z_k = 1 - (k + 1/2)/n`` (equal-area bands) and azimuth ``k`` times the golden angle.
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n_directions must be a positive integer, got {n!r}")
+    k = torch.arange(n, dtype=torch.float64)
+    z = 1.0 - (k + 0.5) / n
+    r = torch.sqrt(torch.clamp(1.0 - z * z, min=0.0))
+    phi = k * _GOLDEN_ANGLE
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], dim=1).to(dtype)
+
+
+def frames_from_directions(directions: torch.Tensor) -> torch.Tensor:
+    """Frames ``(N, 3, 3)`` (rows ``u, v, n``) of unit directions ``(N, 3)`` with ``n_z >= 0``.
+
+    ``u, v`` are ``e_x, e_y`` turned by the smallest rotation that takes ``e_z`` to ``n`` (Rodrigues):
+    ``u = (1 - a²/(1+c), -ab/(1+c), -a)``, ``v = (-ab/(1+c), 1 - b²/(1+c), -b)`` for ``n = (a, b, c)``.
+    """
+    a, b, c = directions.unbind(-1)
+    q = 1.0 / (1.0 + c)
+    u = torch.stack([1.0 - a * a * q, -a * b * q, -a], dim=-1)
+    v = torch.stack([-a * b * q, 1.0 - b * b * q, -b], dim=-1)
+    return torch.stack([u, v, directions], dim=-2)
+
+
+def _as_float64(x: ArrayLike, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from None
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf")
+    return t
+
+
+def parse_directions(directions: ArrayLike) -> torch.Tensor:
+    """Turn user directions into frames ``(N, 3, 3)`` float64 (rows ``u, v, n``).
+
+    Accepted forms:
+
+    * ``(N, 3)`` vectors (x, y, z); normalised; zero vectors are an error;
+    * ``(N, 2)`` spherical angles ``(θ polar from +z, φ azimuth from +x)`` in radians;
+    * ``(N, 3, 3)`` rotation matrices whose *columns* are ``u, v, n`` (they map slice coordinates
+      ``(x_in, y_in, s)`` to physical ``(x, y, z)``); kept as given (orthonormal, det +1 required).
+
+    Directions (or matrices) with ``n_z < 0`` are flipped to ``-n`` (``u`` and ``n`` negated for matrices,
+    which keeps a right-handed frame): the same planes with offsets reversed.
+    """
+    t = _as_float64(directions, "directions")
+    if t.ndim == 1 and t.numel() in (2, 3):
+        t = t[None]
+    if t.ndim == 3 and t.shape[1:] == (3, 3):
+        if t.shape[0] == 0:
+            raise ValueError("directions must not be empty")
+        frames = t.transpose(1, 2).contiguous()  # rows u, v, n
+        eye = torch.eye(3, dtype=torch.float64)
+        err = (frames @ frames.transpose(1, 2) - eye).abs().amax()
+        if err > 1e-6:
+            raise ValueError(f"directions given as (N, 3, 3) matrices must be rotation matrices "
+                             f"(orthonormal columns u, v, n); max |RᵀR - I| = {float(err):.3g}")
+        det = torch.linalg.det(frames)
+        if (det <= 0).any():
+            raise ValueError("directions given as (N, 3, 3) matrices must be rotations (det +1), "
+                             "got a reflection")
+        flip = frames[:, 2, 2] < 0
+        frames[flip, 0] = -frames[flip, 0]
+        frames[flip, 2] = -frames[flip, 2]
+        return frames
+    if t.ndim != 2 or t.shape[1] not in (2, 3) or t.shape[0] == 0:
+        raise ValueError(f"directions must have shape (N, 3) unit vectors, (N, 2) angles (θ, φ) or "
+                         f"(N, 3, 3) rotation matrices, got {tuple(t.shape)}")
+    if t.shape[1] == 2:
+        theta, phi = t.unbind(1)
+        vec = torch.stack([torch.sin(theta) * torch.cos(phi), torch.sin(theta) * torch.sin(phi),
+                           torch.cos(theta)], dim=1)
+    else:
+        norm = t.norm(dim=1, keepdim=True)
+        if (norm < 1e-12).any():
+            bad = int(torch.nonzero(norm[:, 0] < 1e-12)[0])
+            raise ValueError(f"directions must be non-zero vectors; direction {bad} is {t[bad].tolist()}")
+        vec = t / norm
+    vec = torch.where(vec[:, 2:3] < 0, -vec, vec)
+    return frames_from_directions(vec)
+
+
+def bounding_radius(volume_shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Radius (mm) of the sphere around the volume's box: half the diagonal of ``(D sz, H sy, W sx)``."""
+    return 0.5 * math.sqrt(sum((n * s) ** 2 for n, s in zip(volume_shape, spacing)))
+
+
+def _covering_count(radius: float, step: float) -> int:
+    """Smallest odd count of samples, ``step`` apart and centred on 0, whose cells cover ``[-radius, radius]``.
+
+    Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111 (PERFORMANCE.md).
+    """
+    return 2 * max(0, math.ceil(radius / step - 0.5)) + 1
+
+
+def _positive_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+        raise ValueError(f"{name} must be a positive integer, got {x!r}")
+    return int(x)
+
+
+def _positive_float(x, name: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number (mm), got {type(x).__name__}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite (mm), got {x!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A complete slicing geometry for volumes of one shape and spacing.
+
+    Attributes:
+        volume_shape: ``(D, H, W)`` voxels.
+        spacing: ``(sz, sy, sx)`` mm.
+        frames: ``(N, 3, 3)`` float64, rows ``u, v, n`` in (x, y, z).
+        weights: ``(N,)`` float64 quadrature weights (default ``2π/N``).
+        n_slices: ``S`` slices per direction; offsets ``(k - (S-1)/2) Δs``.
+        height, width: slice size ``h × w`` pixels.
+        pixel_spacing: in-plane pixel spacing ``δ`` (mm).
+        slice_spacing: distance ``Δs`` between slices (mm).
+    """
+
+    volume_shape: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    frames: torch.Tensor
+    weights: torch.Tensor
+    n_slices: int
+    height: int
+    width: int
+    pixel_spacing: float
+    slice_spacing: float
+
+    @property
+    def n_directions(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """Unit normals ``(N, 3)`` float64 in (x, y, z)."""
+        return self.frames[:, 2]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Slice offsets ``s_k`` (mm), ``(S,)`` float64."""
+        return (torch.arange(self.n_slices, dtype=torch.float64) - (self.n_slices - 1) / 2) * self.slice_spacing
+
+    @property
+    def pixel_area(self) -> float:
+        return self.pixel_spacing ** 2
+
+    def _index_from_physical(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``P (3, 3)``, ``c (3,)`` with volume index ``(d, h, w) = P @ (x, y, z) + c``."""
+        sz, sy, sx = self.spacing
+        P = torch.tensor([[0.0, 0.0, 1.0 / sz], [0.0, 1.0 / sy, 0.0], [1.0 / sx, 0.0, 0.0]], dtype=torch.float64)
+        D, H, W = self.volume_shape
+        c = torch.tensor([(D - 1) / 2, (H - 1) / 2, (W - 1) / 2], dtype=torch.float64)
+        return P, c
+
+    def slice_maps(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """``(N, 3, 4)``: volume index ``(d, h, w) = M[n] @ (k, i, j, 1)`` for pixel (i, j) of slice k."""
+        P, c = self._index_from_physical()
+        u, v, n = self.frames[:, 0], self.frames[:, 1], self.frames[:, 2]
+        ck, ci, cj = (self.n_slices - 1) / 2, (self.height - 1) / 2, (self.width - 1) / 2
+        dk = n * self.slice_spacing
+        di = v * self.pixel_spacing
+        dj = u * self.pixel_spacing
+        origin = -(ck * dk + ci * di + cj * dj)
+        cols = torch.stack([dk, di, dj, origin], dim=-1)  # (N, 3 physical, 4)
+        M = P @ cols
+        M[:, :, 3] += c
+        return M.to(dtype=dtype, device=device)
+
+    def volume_maps(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """``(N, 3, 4)``: stack coordinates ``(k, i, j) = V[n] @ (d, h, w, 1)`` of voxel (d, h, w)."""
+        P, c = self._index_from_physical()
+        Pinv = torch.linalg.inv(P)  # physical = Pinv @ (index - c)
+        steps = torch.tensor([self.slice_spacing, self.pixel_spacing, self.pixel_spacing], dtype=torch.float64)
+        rows = torch.stack([self.frames[:, 2], self.frames[:, 1], self.frames[:, 0]], dim=1)  # n, v, u
+        L = rows @ Pinv / steps[:, None]  # (N, 3, 3) index -> (k, i, j) offsets
+        centre = torch.tensor([(self.n_slices - 1) / 2, (self.height - 1) / 2, (self.width - 1) / 2],
+                              dtype=torch.float64)
+        t = centre - L @ c
+        V = torch.cat([L, t[:, :, None].expand(-1, 3, 1)], dim=-1)
+        return V.to(dtype=dtype, device=device)
+
+    def with_directions(self, index) -> "Geometry":
+        """The same geometry restricted to a subset of directions (for chunking)."""
+        return Geometry(self.volume_shape, self.spacing, self.frames[index], self.weights[index],
+                        self.n_slices, self.height, self.width, self.pixel_spacing, self.slice_spacing)
+
+
+def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: int = 64, directions=None,
+                  weights=None, slice_size=None, pixel_spacing=None, slice_spacing=None,
+                  n_slices=None) -> Geometry:
+    """Build a :class:`Geometry` with the defaults of DESIGN.md §2.
+
+    Args:
+        volume_shape: ``(D, H, W)``.
+        spacing: voxel spacing ``(sz, sy, sx)`` mm (default 1 mm isotropic).
+        n_directions: number of Fibonacci directions when ``directions`` is None.
+        directions: user directions (see :func:`parse_directions`).
+        weights: ``(N,)`` quadrature weights (default ``2π/N``).
+        slice_size: ``int`` or ``(h, w)`` pixels. Default: enough to cover the bounding sphere at
+            ``pixel_spacing``. If given without ``pixel_spacing``, ``δ`` follows so the slice spans the sphere.
+        pixel_spacing: in-plane pixel spacing δ (mm); default ``min(spacing)``.
+        slice_spacing: Δs (mm); default ``min(spacing)``.
+        n_slices: slices per direction; default: enough to cover the bounding sphere.
+    """
+    if len(volume_shape) != 3:
+        raise ValueError(f"volume_shape must be (D, H, W), got {tuple(volume_shape)}")
+    shape = tuple(int(s) for s in volume_shape)
+    if min(shape) < 1:
+        raise ValueError(f"volume must have at least one voxel along each axis, got shape {shape}")
+    spacing = normalize_spacing(spacing)
+    if directions is None:
+        frames = frames_from_directions(fibonacci_directions(n_directions))
+    else:
+        frames = parse_directions(directions)
+    N = frames.shape[0]
+    if weights is None:
+        w = torch.full((N,), 2 * math.pi / N, dtype=torch.float64)
+    else:
+        w = _as_float64(weights, "weights").reshape(-1)
+        if w.shape[0] != N:
+            raise ValueError(f"weights must have one entry per direction: got {w.shape[0]} weights "
+                             f"for {N} directions")
+    radius = bounding_radius(shape, spacing)
+    if slice_size is None:
+        delta = min(spacing) if pixel_spacing is None else _positive_float(pixel_spacing, "pixel_spacing")
+        h = w_px = _covering_count(radius, delta)
+    else:
+        if isinstance(slice_size, (int, np.integer)) and not isinstance(slice_size, bool):
+            h = w_px = _positive_int(slice_size, "slice_size")
+        else:
+            try:
+                h, w_px = (int(x) for x in slice_size)
+            except (TypeError, ValueError):
+                raise ValueError(f"slice_size must be an int or a pair (h, w), got {slice_size!r}") from None
+            _positive_int(h, "slice_size[0]")
+            _positive_int(w_px, "slice_size[1]")
+        if pixel_spacing is None:
+            delta = 2 * radius / min(h, w_px)
+        else:
+            delta = _positive_float(pixel_spacing, "pixel_spacing")
+    ds = min(spacing) if slice_spacing is None else _positive_float(slice_spacing, "slice_spacing")
+    S = _covering_count(radius, ds) if n_slices is None else _positive_int(n_slices, "n_slices")
+    return Geometry(shape, spacing, frames, w, S, h, w_px, float(delta), float(ds))
