@@ -1,0 +1,143 @@
+// CPU kernels of tonno_fast::backproject_slices and its adjoint tonno_fast::backproject_slices_backward.
+//
+//   backproject_slices: stacks (B,K,N,S,h,w), maps (N,3,4) (volume maps), weights (N,) -> (B,K,D,H,W):
+//     out[b,k,d,h,w] = sum_n weights[n] * trilinear(stacks[b,k,n], maps[n] @ (d,h,w,1)),
+//     corners outside the stack read zero.
+//   backproject_slices_backward: grad (B,K,D,H,W) -> (B,K,N,S,h,w), the exact adjoint.
+#include "common.h"
+
+namespace tonno_fast {
+namespace cpu {
+namespace {
+
+template <typename T>
+void backproject_slices_kernel(const T* stacks, const T* maps, const T* weights, int64_t BK, int64_t N, int64_t S,
+                               int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T* out) {
+  const int64_t DHW = D * H * W, Shw = S * h * w;
+  // One task per voxel row (d, h): gather from every stack, accumulators for the row stay in L1.
+  parallel_for_dynamic(D * H, [&](int64_t dh) {
+    const int64_t d = dh / H, hh = dh % H;
+    std::vector<T> acc(BK * W, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const T* M = maps + 12 * n;
+      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
+                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
+      const T step[3] = {M[2], M[6], M[10]};
+      // acc[q, :] += weights[n] * trilinear(stacks[q, n], x(v)) along the row (q = b*K + k).
+      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], acc.data(), W);
+    }
+    for (int64_t q = 0; q < BK; ++q) std::copy(acc.begin() + q * W, acc.begin() + (q + 1) * W, out + q * DHW + dh * W);
+  });
+}
+
+template <typename T>
+void backproject_slices_backward_kernel(const T* grad, const T* maps, const T* weights, int64_t BK, int64_t N,
+                                        int64_t S, int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T* out) {
+  const int64_t DHW = D * H * W, Shw = S * h * w, hw = h * w;
+  // One task per direction n: it owns stacks n of every (b, k) (race-free) and visits the voxels in a fixed
+  // order (deterministic whatever the thread count). It zeroes its own stacks first (out comes from
+  // at::empty): the first touch of the fresh pages is spread over the threads and the stack is then warm
+  // in cache for the scatter.
+  parallel_for_dynamic(N, [&](int64_t n) {
+    for (int64_t q = 0; q < BK; ++q) std::fill(out + (q * N + n) * Shw, out + (q * N + n + 1) * Shw, T(0));
+    const T* M = maps + 12 * n;
+    const T wn = weights[n];
+    const T step[3] = {M[2], M[6], M[10]};
+    for (int64_t dh = 0; dh < D * H; ++dh) {
+      const int64_t d = dh / H, hh = dh % H;
+      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
+                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
+      // Scatter g = weights[n] * grad[q, voxel] into the eight corners of the voxel's point in stack n.
+      const auto scatter = [&](int64_t v, const int64_t o0[2], const int64_t o1[2], const int64_t o2[2],
+                               const T w0[2], const T w1[2], const T w2[2]) {
+        for (int64_t q = 0; q < BK; ++q) {
+          const T g = wn * grad[q * DHW + dh * W + v];
+          T* o = out + (q * N + n) * Shw;
+          for (int a = 0; a < 2; ++a) {
+            const T ga = g * w0[a];
+            for (int b = 0; b < 2; ++b) {
+              const T gb = ga * w1[b];
+              o[o0[a] + o1[b] + o2[0]] += gb * w2[0];
+              o[o0[a] + o1[b] + o2[1]] += gb * w2[1];
+            }
+          }
+        }
+      };
+      const RowPlan r = plan_row(x, step, S, h, w, W);
+      // Interior voxels (all corners valid): taps from the vectorised fast path.
+      if (r.k1 > r.k0) {
+        const InteriorTaps<T>& it = interior_taps(x, step, S, h, w, r.k0, r.k1);
+        for (int64_t v = r.k0; v < r.k1; ++v) {
+          const int64_t e = v - r.k0, base = it.off[e];
+          const int64_t o0[2] = {base, base + hw}, o1[2] = {0, w}, o2[2] = {0, 1};
+          const T w0[2] = {T(1) - it.f0[e], it.f0[e]}, w1[2] = {T(1) - it.f1[e], it.f1[e]},
+                  w2[2] = {T(1) - it.f2[e], it.f2[e]};
+          scatter(v, o0, o1, o2, w0, w1, w2);
+        }
+      }
+      // Edge voxels: per-tap validity (maths::linear_taps).
+      const auto edge = [&](int64_t va, int64_t vb) {
+        for (int64_t v = va; v < vb; ++v) {
+          const T p[3] = {x[0] + T(v) * step[0], x[1] + T(v) * step[1], x[2] + T(v) * step[2]};
+          Taps<T> t0, t1, t2;
+          if (!taps3(p, S, h, w, t0, t1, t2)) continue;
+          const int64_t o0[2] = {t0.i0 * hw, t0.i1 * hw}, o1[2] = {t1.i0 * w, t1.i1 * w}, o2[2] = {t2.i0, t2.i1};
+          const T w0[2] = {t0.w0, t0.w1}, w1[2] = {t1.w0, t1.w1}, w2[2] = {t2.w0, t2.w1};
+          scatter(v, o0, o1, o2, w0, w1, w2);
+        }
+      };
+      edge(r.j0, r.k0);
+      edge(r.k1, r.j1);
+    }
+  });
+}
+
+at::Tensor backproject_slices_cpu(const at::Tensor& stacks, const at::Tensor& maps, const at::Tensor& weights,
+                                  at::IntArrayRef volume_shape) {
+  check_floating(stacks, "stacks");
+  check_dim(stacks, 6, "stacks", "(B, K, N, S, h, w)");
+  check_nonempty(stacks, "stacks");
+  const at::Tensor m = check_maps(maps, stacks, "stacks");
+  TORCH_CHECK(stacks.size(2) == m.size(0), "tonno_fast: stacks must have N = maps.size(0) = ", m.size(0),
+              " directions (dim 2 of (B, K, N, S, h, w)), got shape ", stacks.sizes());
+  const at::Tensor w = check_weights(weights, m.size(0), stacks, "stacks");
+  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
+  const at::Tensor s = stacks.contiguous();
+  const int64_t B = s.size(0), K = s.size(1), N = s.size(2);
+  at::Tensor out = at::empty({B, K, shp[0], shp[1], shp[2]}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tonno_fast::backproject_slices", [&] {
+    backproject_slices_kernel<scalar_t>(s.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<scalar_t>(), B * K, N, s.size(3), s.size(4), s.size(5),
+                                        shp[0], shp[1], shp[2], out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor backproject_slices_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& weights,
+                                           at::IntArrayRef stack_shape) {
+  check_floating(grad, "grad");
+  check_dim(grad, 5, "grad", "(B, K, D, H, W)");
+  check_nonempty(grad, "grad");
+  const at::Tensor m = check_maps(maps, grad, "grad");
+  const at::Tensor w = check_weights(weights, m.size(0), grad, "grad");
+  const auto st = check_shape3(stack_shape, "stack_shape", "(S, h, w)");
+  const at::Tensor g = grad.contiguous();
+  const int64_t B = g.size(0), K = g.size(1), N = m.size(0);
+  at::Tensor out = at::empty({B, K, N, st[0], st[1], st[2]}, g.options());  // zeroed by the kernel
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::backproject_slices_backward", [&] {
+    backproject_slices_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
+                                                 w.const_data_ptr<scalar_t>(), B * K, N, st[0], st[1], st[2],
+                                                 g.size(2), g.size(3), g.size(4), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
+  m.impl("backproject_slices", &backproject_slices_cpu);
+  m.impl("backproject_slices_backward", &backproject_slices_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace tonno_fast

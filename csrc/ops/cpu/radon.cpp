@@ -1,0 +1,86 @@
+// CPU kernels of tonno_fast::radon (fused plane sums) and its adjoint tonno_fast::radon_backward.
+//
+//   radon: volume (B,C,D,H,W), maps (N,3,4) -> (B,C,N,S),
+//     out[b,c,n,k] = scale * sum_ij trilinear(volume[b,c], maps[n] @ (k,i,j,1))   (no slice is written)
+//   radon_backward: grad (B,C,N,S) -> (B,C,D,H,W), the exact adjoint.
+#include "common.h"
+
+namespace tonno_fast {
+namespace cpu {
+namespace {
+
+template <typename T>
+void radon_kernel(const T* vol, const T* maps, int64_t BC, int64_t D, int64_t H, int64_t W, int64_t N, int64_t S,
+                  int64_t h, int64_t w, T scale, T* out) {
+  using Acc = at::acc_type<T, /*is_cuda=*/false>;  // double sums for float32: ~h*w terms per plane
+  const int64_t DHW = D * H * W;
+  parallel_for_dynamic(N * S, [&](int64_t nk) {
+    const int64_t n = nk / S, k = nk % S;
+    const T* M = maps + 12 * n;
+    const T step[3] = {M[2], M[6], M[10]};
+    std::vector<Acc> acc(BC, Acc(0));
+    for (int64_t i = 0; i < h; ++i) {
+      const T x[3] = {maths::apply_row(M, T(k), T(i), T(0)), maths::apply_row(M + 4, T(k), T(i), T(0)),
+                      maths::apply_row(M + 8, T(k), T(i), T(0))};
+      sum_row<T, Acc>(vol, D, H, W, BC, DHW, x, step, w, acc.data());
+    }
+    for (int64_t q = 0; q < BC; ++q) out[(q * N + n) * S + k] = static_cast<T>(Acc(scale) * acc[q]);
+  });
+}
+
+at::Tensor radon_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
+                     int64_t width, double scale) {
+  check_floating(volume, "volume");
+  check_dim(volume, 5, "volume", "(B, C, D, H, W)");
+  check_nonempty(volume, "volume");
+  const at::Tensor m = check_maps(maps, volume, "volume");
+  check_positive(n_slices, "n_slices");
+  check_positive(height, "height");
+  check_positive(width, "width");
+  const at::Tensor vol = volume.contiguous();
+  const int64_t B = vol.size(0), C = vol.size(1), N = m.size(0);
+  at::Tensor out = at::empty({B, C, N, n_slices}, vol.options());
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::radon", [&] {
+    radon_kernel<scalar_t>(vol.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), B * C, vol.size(2),
+                           vol.size(3), vol.size(4), N, n_slices, height, width, static_cast<scalar_t>(scale),
+                           out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, int64_t height, int64_t width,
+                              double scale, at::IntArrayRef volume_shape) {
+  check_floating(grad, "grad");
+  check_dim(grad, 4, "grad", "(B, C, N, S)");
+  check_nonempty(grad, "grad");
+  const at::Tensor m = check_maps(maps, grad, "grad");
+  TORCH_CHECK(grad.size(2) == m.size(0), "tonno_fast: grad must have N = maps.size(0) = ", m.size(0),
+              " directions (dim 2 of (B, C, N, S)), got shape ", grad.sizes());
+  check_positive(height, "height");
+  check_positive(width, "width");
+  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
+  const at::Tensor g = grad.contiguous();
+  const int64_t B = g.size(0), C = g.size(1), N = g.size(2), S = g.size(3);
+  at::Tensor out = at::zeros({B, C, shp[0], shp[1], shp[2]}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::radon_backward", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const T sc = static_cast<T>(scale);
+    // Every pixel of plane (n, k) carries scale * grad[b, c, n, k].
+    scatter_grid<T>(
+        out.mutable_data_ptr<T>(), shp[0], shp[1], shp[2], N, m.const_data_ptr<T>(), S, height, width, B * C,
+        [](int64_t) { return int64_t(0); },
+        [&](int64_t n, int64_t q, int64_t k, int64_t, int64_t) { return sc * gp[(q * N + n) * S + k]; });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
+  m.impl("radon", &radon_cpu);
+  m.impl("radon_backward", &radon_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace tonno_fast

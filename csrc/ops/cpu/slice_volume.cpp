@@ -1,0 +1,96 @@
+// CPU kernels of tonno_fast::slice_volume and its adjoint tonno_fast::slice_volume_backward.
+//
+//   slice_volume: volume (B,C,D,H,W), maps (N,3,4) -> slices (B,N,S,C,h,w),
+//     out[b,n,k,c,i,j] = trilinear(volume[b,c], maps[n] @ (k,i,j,1)), corners outside read `fill`.
+//   slice_volume_backward: grad (B,N,S,C,h,w) -> (B,C,D,H,W), the exact adjoint (fill is a constant and
+//     has no gradient).
+#include "common.h"
+
+namespace tonno_fast {
+namespace cpu {
+namespace {
+
+template <typename T, typename O>
+void slice_volume_kernel(const T* vol, const T* maps, int64_t B, int64_t C, int64_t D, int64_t H, int64_t W,
+                         int64_t N, int64_t S, int64_t h, int64_t w, T fill, O* out) {
+  const int64_t hw = h * w, DHW = D * H * W;
+  // One task per (n, k) slice: its C*h*w block of every batch item. Taps are computed once per pixel and
+  // shared by all B*C arrays (volumes of one batch are read together, so they stay in cache).
+  parallel_for_dynamic(N * S, [&](int64_t nk) {
+    const int64_t n = nk / S, k = nk % S;
+    const T* M = maps + 12 * n;
+    const T step[3] = {M[2], M[6], M[10]};
+    O* o = out + (n * S + k) * C * hw;  // out[0, n, k, 0, 0, 0]
+    for (int64_t i = 0; i < h; ++i) {
+      const T x[3] = {maths::apply_row(M, T(k), T(i), T(0)), maths::apply_row(M + 4, T(k), T(i), T(0)),
+                      maths::apply_row(M + 8, T(k), T(i), T(0))};
+      sample_row<T, O>(vol, D, H, W, B, C * DHW, N * S * C * hw, C, DHW, hw, x, step, w, fill, o + i * w);
+    }
+  });
+}
+
+at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
+                            int64_t width, double fill, std::optional<at::ScalarType> out_dtype) {
+  check_floating(volume, "volume");
+  check_dim(volume, 5, "volume", "(B, C, D, H, W)");
+  check_nonempty(volume, "volume");
+  const at::Tensor m = check_maps(maps, volume, "volume");
+  check_positive(n_slices, "n_slices");
+  check_positive(height, "height");
+  check_positive(width, "width");
+  const at::ScalarType odt = out_dtype.value_or(volume.scalar_type());
+  TORCH_CHECK(odt == at::kFloat || odt == at::kDouble || odt == at::kHalf || odt == at::kBFloat16,
+              "tonno_fast: out_dtype must be float32, float64, float16 or bfloat16, got ", odt);
+  const at::Tensor vol = volume.contiguous();
+  const int64_t B = vol.size(0), C = vol.size(1), D = vol.size(2), H = vol.size(3), W = vol.size(4);
+  const int64_t N = m.size(0);
+  at::Tensor out = at::empty({B, N, n_slices, C, height, width}, vol.options().dtype(odt));
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::slice_volume", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, odt, "tonno_fast::slice_volume_out", [&] {
+      // Computed in the volume's dtype, written in out_dtype.
+      slice_volume_kernel<T, scalar_t>(vol.const_data_ptr<T>(), m.const_data_ptr<T>(), B, C, D, H, W, N,
+                                       n_slices, height, width, static_cast<T>(fill),
+                                       out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, at::IntArrayRef volume_shape) {
+  check_floating(grad, "grad");
+  check_dim(grad, 6, "grad", "(B, N, S, C, h, w)");
+  check_nonempty(grad, "grad");
+  const at::Tensor m = check_maps(maps, grad, "grad");
+  TORCH_CHECK(grad.size(1) == m.size(0), "tonno_fast: grad must have N = maps.size(0) = ", m.size(0),
+              " directions (dim 1 of (B, N, S, C, h, w)), got shape ", grad.sizes());
+  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
+  const at::Tensor g = grad.contiguous();
+  const int64_t B = g.size(0), N = g.size(1), S = g.size(2), C = g.size(3), h = g.size(4), w = g.size(5);
+  const int64_t D = shp[0], H = shp[1], W = shp[2];
+  at::Tensor out = at::zeros({B, C, D, H, W}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::slice_volume_backward", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const int64_t hw = h * w;
+    // Job n scatters slice stack n into all B*C output arrays (q = b*C + c).
+    scatter_grid<T>(
+        out.mutable_data_ptr<T>(), D, H, W, N, m.const_data_ptr<T>(), S, h, w, B * C,
+        [](int64_t) { return int64_t(0); },
+        [&](int64_t n, int64_t q, int64_t k, int64_t i, int64_t j) {
+          const int64_t b = q / C, c = q % C;
+          return gp[(((b * N + n) * S + k) * C + c) * hw + i * w + j];
+        });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
+  m.impl("slice_volume", &slice_volume_cpu);
+  m.impl("slice_volume_backward", &slice_volume_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace tonno_fast

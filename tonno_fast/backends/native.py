@@ -1,0 +1,320 @@
+"""The compiled backends ``cpu`` and ``cuda``: the ``torch.ops.tonno_fast`` custom operators of ``tonno_fast._C``.
+
+Importing ``tonno_fast._C`` registers the op schemas (``csrc/ops/registration.cpp``) and the CPU kernels
+(``csrc/ops/cpu/``; CUDA kernels in ``csrc/ops/cuda/`` when built with CUDA). This module adds, as in
+pytorch/extension-cpp, everything that lives on the Python side of a custom op:
+
+* fake (meta) kernels (``torch.library.register_fake``): output shapes and dtypes, so the ops trace under
+  ``torch.compile(fullgraph=True)`` and run on meta tensors;
+* autograd (``torch.library.register_autograd``): the backward of every forward op calls its adjoint op
+  (``*_backward``), and the backward of each linear adjoint op calls the forward op again (the adjoint of
+  the adjoint), so double backward works too. Only the main tensor input is differentiable, plus ``theta``
+  of ``affine_grid_sample``; ``maps`` and ``weights`` are geometry and asking for their gradient is an error.
+
+The five functions below have the signatures of :mod:`tonno_fast.backends.reference` (see its docstring
+for the exact definitions, shapes and axis orders) and dispatch on the tensors' device: the same module
+serves backend ``"cpu"`` and ``"cuda"``.
+
+If ``tonno_fast._C`` is missing (not built) or fails to load, this module still imports;
+:func:`unavailable_reason` then says why and the registry falls back to the reference backend.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample",
+           "unavailable_reason", "build_info"]
+
+name = "native"
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers the ops and their kernels)
+    _IMPORT_ERROR: Optional[str] = None
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def build_info() -> Optional[Dict]:
+    """What ``tonno_fast._C`` was built with (``cuda``, ``cuda_arch``, ``openmp``, ``omp_max_threads``,
+    ``torch_version``), or None when the extension is unavailable."""
+    return None if _C is None else dict(_C.build_info())
+
+
+def unavailable_reason(backend: str) -> Optional[str]:
+    """None if compiled backend ``backend`` ("cpu" or "cuda") can run here, else a one-line reason."""
+    if _C is None:
+        return f"tonno_fast._C is not built or failed to load ({_IMPORT_ERROR}); build it with `make build`"
+    if backend == "cpu":
+        return None
+    if backend == "cuda":
+        if not _C.build_info()["cuda"]:
+            return ("tonno_fast._C was built without CUDA kernels (TONNO_FAST_NO_CUDA=1, no CUDA toolkit or a "
+                    "CPU-only torch at build time)")
+        if not torch.cuda.is_available():
+            return "no CUDA device available (torch.cuda.is_available() is False)"
+        return None
+    return f"unknown compiled backend {backend!r} (expected 'cpu' or 'cuda')"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python-facing functions (signatures of the reference backend).
+
+def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Geometry tensors (maps, weights) in the dtype and on the device of the main tensor."""
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def slice_volume(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
+                 fill: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """volume ``(B,C,D,H,W)`` → slices ``(B,N,S,C,h,w)`` (see reference.slice_volume)."""
+    return torch.ops.tonno_fast.slice_volume(volume, _like(slice_maps, volume), int(n_slices), int(height),
+                                             int(width), float(fill), out_dtype)
+
+
+def radon(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
+          scale: float = 1.0) -> torch.Tensor:
+    """volume ``(B,C,D,H,W)`` → plane sums ``(B,C,N,S)`` times ``scale`` (see reference.radon)."""
+    return torch.ops.tonno_fast.radon(volume, _like(slice_maps, volume), int(n_slices), int(height), int(width),
+                                      float(scale))
+
+
+def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
+                volume_shape: Sequence[int]) -> torch.Tensor:
+    """sinogram ``(B,K,N,S)`` → volume ``(B,K,D,H,W)`` (see reference.backproject)."""
+    return torch.ops.tonno_fast.backproject(sinogram, _like(volume_maps, sinogram), _like(weights, sinogram),
+                                            [int(s) for s in volume_shape])
+
+
+def backproject_slices(stacks: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
+                       volume_shape: Sequence[int]) -> torch.Tensor:
+    """stacks ``(B,K,N,S,h,w)`` → volume ``(B,K,D,H,W)`` (see reference.backproject_slices)."""
+    return torch.ops.tonno_fast.backproject_slices(stacks, _like(volume_maps, stacks), _like(weights, stacks),
+                                                   [int(s) for s in volume_shape])
+
+
+def affine_grid_sample(volume: torch.Tensor, theta: torch.Tensor, size: Sequence[int],
+                       align_corners: bool = False) -> torch.Tensor:
+    """``grid_sample(volume, affine_grid(theta, size, align_corners), "bilinear", "zeros", align_corners)``
+    for volume ``(N,C,D,H,W)`` and theta ``(N,3,4)``, without the grid. ``theta`` is differentiable."""
+    return torch.ops.tonno_fast.affine_grid_sample(volume, theta, [int(s) for s in size], bool(align_corners))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only (the C++ kernels check values, devices and everything else).
+
+def _check_maps(maps: torch.Tensor, n: Optional[int] = None) -> None:
+    torch._check(maps.dim() == 3 and maps.shape[1] == 3 and maps.shape[2] == 4,
+                 lambda: f"tonno_fast: maps must have shape (N, 3, 4), got {tuple(maps.shape)}")
+    if n is not None:
+        torch._check(maps.shape[0] == n, lambda: f"tonno_fast: maps must have N = {n} directions, "
+                                                 f"got {tuple(maps.shape)}")
+
+
+def _check_dim(t: torch.Tensor, dim: int, arg: str, layout: str) -> None:
+    torch._check(t.dim() == dim, lambda: f"tonno_fast: {arg} must have {dim} dimensions {layout}, "
+                                         f"got shape {tuple(t.shape)}")
+
+
+def _register() -> None:
+    lib = "tonno_fast::"
+    ops = torch.ops.tonno_fast
+
+    @torch.library.register_fake(lib + "slice_volume")
+    def _(volume, maps, n_slices, height, width, fill, out_dtype):
+        _check_dim(volume, 5, "volume", "(B, C, D, H, W)")
+        _check_maps(maps)
+        B, C = volume.shape[:2]
+        return volume.new_empty((B, maps.shape[0], n_slices, C, height, width),
+                                dtype=volume.dtype if out_dtype is None else out_dtype)
+
+    @torch.library.register_fake(lib + "slice_volume_backward")
+    def _(grad, maps, volume_shape):
+        _check_dim(grad, 6, "grad", "(B, N, S, C, h, w)")
+        _check_maps(maps, grad.shape[1])
+        return grad.new_empty((grad.shape[0], grad.shape[3], *volume_shape))
+
+    @torch.library.register_fake(lib + "radon")
+    def _(volume, maps, n_slices, height, width, scale):
+        _check_dim(volume, 5, "volume", "(B, C, D, H, W)")
+        _check_maps(maps)
+        return volume.new_empty((volume.shape[0], volume.shape[1], maps.shape[0], n_slices))
+
+    @torch.library.register_fake(lib + "radon_backward")
+    def _(grad, maps, height, width, scale, volume_shape):
+        _check_dim(grad, 4, "grad", "(B, C, N, S)")
+        _check_maps(maps, grad.shape[2])
+        return grad.new_empty((grad.shape[0], grad.shape[1], *volume_shape))
+
+    @torch.library.register_fake(lib + "backproject")
+    def _(sinogram, maps, weights, volume_shape):
+        _check_dim(sinogram, 4, "sinogram", "(B, K, N, S)")
+        _check_maps(maps, sinogram.shape[2])
+        return sinogram.new_empty((sinogram.shape[0], sinogram.shape[1], *volume_shape))
+
+    @torch.library.register_fake(lib + "backproject_backward")
+    def _(grad, maps, weights, n_slices):
+        _check_dim(grad, 5, "grad", "(B, K, D, H, W)")
+        _check_maps(maps)
+        return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], n_slices))
+
+    @torch.library.register_fake(lib + "backproject_slices")
+    def _(stacks, maps, weights, volume_shape):
+        _check_dim(stacks, 6, "stacks", "(B, K, N, S, h, w)")
+        _check_maps(maps, stacks.shape[2])
+        return stacks.new_empty((stacks.shape[0], stacks.shape[1], *volume_shape))
+
+    @torch.library.register_fake(lib + "backproject_slices_backward")
+    def _(grad, maps, weights, stack_shape):
+        _check_dim(grad, 5, "grad", "(B, K, D, H, W)")
+        _check_maps(maps)
+        return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], *stack_shape))
+
+    @torch.library.register_fake(lib + "affine_grid_sample")
+    def _(volume, theta, size, align_corners):
+        _check_dim(volume, 5, "volume", "(N, C, D, H, W)")
+        torch._check(len(size) == 5, lambda: f"tonno_fast: size must be [N, C, D_out, H_out, W_out], got {size}")
+        return volume.new_empty(tuple(size))
+
+    @torch.library.register_fake(lib + "affine_grid_sample_backward")
+    def _(grad, volume, theta, align_corners, volume_grad, theta_grad):
+        gv = volume.new_empty(volume.shape) if volume_grad else volume.new_empty((0,))
+        gt = theta.new_empty(theta.shape) if theta_grad else theta.new_empty((0,))
+        return gv, gt
+
+    # --- autograd: forward -> adjoint op, adjoint op -> forward op -------------------------------------
+
+    def _no_geometry_grad(ctx, indices, what):
+        if any(ctx.needs_input_grad[i] for i in indices):
+            raise RuntimeError(f"tonno_fast: {what} are not differentiable; pass them detached")
+
+    def setup_slice(ctx, inputs, output):
+        volume, maps, n_slices, height, width, fill, out_dtype = inputs
+        ctx.volume_shape = list(volume.shape[2:])
+        ctx.volume_dtype = volume.dtype
+        ctx.save_for_backward(maps)
+
+    def backward_slice(ctx, grad):
+        _no_geometry_grad(ctx, [1], "slice maps")
+        (maps,) = ctx.saved_tensors
+        gv = None
+        if ctx.needs_input_grad[0]:  # grad arrives in out_dtype (e.g. bf16): the adjoint runs in the volume's
+            gv = ops.slice_volume_backward(grad.to(ctx.volume_dtype), maps, ctx.volume_shape)
+        return gv, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "slice_volume", backward_slice, setup_context=setup_slice)
+
+    def setup_slice_bw(ctx, inputs, output):
+        grad, maps, volume_shape = inputs
+        ctx.sizes = (grad.shape[2], grad.shape[4], grad.shape[5])
+        ctx.save_for_backward(maps)
+
+    def backward_slice_bw(ctx, gg):
+        _no_geometry_grad(ctx, [1], "slice maps")
+        (maps,) = ctx.saved_tensors
+        S, h, w = ctx.sizes
+        out = ops.slice_volume(gg, maps, S, h, w, 0.0, None) if ctx.needs_input_grad[0] else None
+        return out, None, None
+
+    torch.library.register_autograd(lib + "slice_volume_backward", backward_slice_bw, setup_context=setup_slice_bw)
+
+    def setup_radon(ctx, inputs, output):
+        volume, maps, n_slices, height, width, scale = inputs
+        ctx.args = (height, width, scale, list(volume.shape[2:]))
+        ctx.save_for_backward(maps)
+
+    def backward_radon(ctx, grad):
+        _no_geometry_grad(ctx, [1], "slice maps")
+        (maps,) = ctx.saved_tensors
+        gv = ops.radon_backward(grad, maps, *ctx.args) if ctx.needs_input_grad[0] else None
+        return gv, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "radon", backward_radon, setup_context=setup_radon)
+
+    def setup_radon_bw(ctx, inputs, output):
+        grad, maps, height, width, scale, volume_shape = inputs
+        ctx.args = (grad.shape[3], height, width, scale)
+        ctx.save_for_backward(maps)
+
+    def backward_radon_bw(ctx, gg):
+        _no_geometry_grad(ctx, [1], "slice maps")
+        (maps,) = ctx.saved_tensors
+        out = ops.radon(gg, maps, *ctx.args) if ctx.needs_input_grad[0] else None
+        return out, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "radon_backward", backward_radon_bw, setup_context=setup_radon_bw)
+
+    def setup_bp(ctx, inputs, output):
+        sinogram, maps, weights, volume_shape = inputs
+        ctx.n_slices = sinogram.shape[3]
+        ctx.save_for_backward(maps, weights)
+
+    def backward_bp(ctx, grad):
+        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
+        maps, weights = ctx.saved_tensors
+        gs = ops.backproject_backward(grad, maps, weights, ctx.n_slices) if ctx.needs_input_grad[0] else None
+        return gs, None, None, None
+
+    torch.library.register_autograd(lib + "backproject", backward_bp, setup_context=setup_bp)
+
+    def setup_bp_bw(ctx, inputs, output):
+        grad, maps, weights, n_slices = inputs
+        ctx.volume_shape = list(grad.shape[2:])
+        ctx.save_for_backward(maps, weights)
+
+    def backward_bp_bw(ctx, gg):
+        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
+        maps, weights = ctx.saved_tensors
+        out = ops.backproject(gg, maps, weights, ctx.volume_shape) if ctx.needs_input_grad[0] else None
+        return out, None, None, None
+
+    torch.library.register_autograd(lib + "backproject_backward", backward_bp_bw, setup_context=setup_bp_bw)
+
+    def setup_bps(ctx, inputs, output):
+        stacks, maps, weights, volume_shape = inputs
+        ctx.stack_shape = list(stacks.shape[3:])
+        ctx.save_for_backward(maps, weights)
+
+    def backward_bps(ctx, grad):
+        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
+        maps, weights = ctx.saved_tensors
+        gs = (ops.backproject_slices_backward(grad, maps, weights, ctx.stack_shape)
+              if ctx.needs_input_grad[0] else None)
+        return gs, None, None, None
+
+    torch.library.register_autograd(lib + "backproject_slices", backward_bps, setup_context=setup_bps)
+
+    def setup_bps_bw(ctx, inputs, output):
+        grad, maps, weights, stack_shape = inputs
+        ctx.volume_shape = list(grad.shape[2:])
+        ctx.save_for_backward(maps, weights)
+
+    def backward_bps_bw(ctx, gg):
+        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
+        maps, weights = ctx.saved_tensors
+        out = ops.backproject_slices(gg, maps, weights, ctx.volume_shape) if ctx.needs_input_grad[0] else None
+        return out, None, None, None
+
+    torch.library.register_autograd(lib + "backproject_slices_backward", backward_bps_bw,
+                                    setup_context=setup_bps_bw)
+
+    def setup_affine(ctx, inputs, output):
+        volume, theta, size, align_corners = inputs
+        ctx.align_corners = align_corners
+        # theta defines the sampling points; the volume gives the shape of its gradient and, for the
+        # theta gradient, the values (a saved reference, not a copy).
+        ctx.save_for_backward(volume, theta)
+
+    def backward_affine(ctx, grad):
+        volume, theta = ctx.saved_tensors
+        need_v, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gv, gt = ops.affine_grid_sample_backward(grad, volume, theta, ctx.align_corners, need_v, need_t)
+        return (gv if need_v else None), (gt if need_t else None), None, None
+
+    torch.library.register_autograd(lib + "affine_grid_sample", backward_affine, setup_context=setup_affine)
+
+
+if _C is not None:
+    _register()
