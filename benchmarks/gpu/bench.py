@@ -1,0 +1,293 @@
+"""GPU benchmark of the five tonno_fast operators: every available backend against the reference backend.
+
+Sizes are those of issue 4 / PERFORMANCE.md:
+
+* ``slice_volume``: a 128³ float32 volume into 64 directions × 128 slices × 128² pixels (134 M samples),
+  output in float32 and in bfloat16;
+* ``radon``: the same geometry, plane sums only (no slice is written);
+* ``backproject``: a 64 × 128 sinogram into 128³ (134 M updates);
+* ``backproject_slices``: 16 stacks (the geometry's S × h × w) into 64³;
+* ``affine_grid_sample``: 4 volumes of 128³ resampled by 4 random rotations onto 128³ grids.
+
+Timing: CUDA events around each call, warm-up calls first, the median of several calls; each call reads
+another copy of its input, the copies together being larger than the L2 cache (``--l2-mb``, 50 MB on
+H100/H200), so no call finds its input in L2 (at most 64 copies: the 32 KB sinogram of ``backproject``
+stays in L2, as it does in the pipeline, where it was just written). For every row the table gives the median time, the
+throughput (G samples/s for gathers, G updates/s for backprojections: one update = one (voxel, direction)
+pair), the achieved bandwidth over the compulsory traffic (inputs read once, output written once) and
+the speed-up over the reference backend measured in the same run.
+
+``--dry-run`` only builds and prints the problem list (no GPU needed). ``--device cpu --scale 0.125`` runs
+the whole harness on tiny problems on the CPU (wall-clock timer instead of CUDA events), to test it
+without a GPU; such numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tonno_fast.geometry import make_geometry  # noqa: E402
+
+OPS = ("slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample")
+
+
+@dataclass
+class Problem:
+    """One benchmark case: what to allocate, what to call and how much work it is."""
+
+    op: str
+    label: str                      # e.g. "128³ → 64×128×128² bf16"
+    work: float                     # samples or updates
+    unit: str                       # "samples" or "updates"
+    in_bytes: float                 # compulsory input traffic (bytes) of one call
+    out_bytes: float                # output bytes of one call
+    make_inputs: Callable[[torch.device], dict] = field(repr=False)
+    call: Callable[[object, dict], torch.Tensor] = field(repr=False)
+
+
+def _rotations(n: int, dtype=torch.float32) -> torch.Tensor:
+    """``n`` random affine_grid thetas (N, 3, 4): rotations about z then y, no shift (fixed seed)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(n, 2, generator=gen, dtype=torch.float64) * math.pi
+    cz, sz, cy, sy = torch.cos(a[:, 0]), torch.sin(a[:, 0]), torch.cos(a[:, 1]), torch.sin(a[:, 1])
+    z, o = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    rz = torch.stack([torch.stack([cz, -sz, z], -1), torch.stack([sz, cz, z], -1), torch.stack([z, z, o], -1)], -2)
+    ry = torch.stack([torch.stack([cy, z, sy], -1), torch.stack([z, o, z], -1), torch.stack([-sy, z, cy], -1)], -2)
+    return torch.cat([rz @ ry, torch.zeros(n, 3, 1, dtype=torch.float64)], -1).to(dtype)
+
+
+def build_problems(scale: float = 1.0, ops=OPS) -> List[Problem]:
+    """The problem list; ``scale`` shrinks every linear size (for CPU smoke runs)."""
+
+    def sz(n: int) -> int:
+        return max(2, int(round(n * scale)))
+
+    f32 = 4
+    probs: List[Problem] = []
+    n_vol = sz(128)
+    g = make_geometry((n_vol,) * 3, n_directions=64, slice_size=sz(128), n_slices=sz(128), pixel_spacing=1.0)
+    N, S, h, w = g.n_directions, g.n_slices, g.height, g.width
+    samples = N * S * h * w
+    vol_bytes = n_vol ** 3 * f32
+    shape = f"{n_vol}³ → {N}×{S}×{h}×{w}"
+
+    def vol_inputs(dev):
+        return {"x": torch.rand(1, 1, n_vol, n_vol, n_vol, device=dev),
+                "maps": g.slice_maps(dtype=torch.float32, device=dev)}
+
+    if "slice_volume" in ops:
+        for odt, nbytes, tag in ((torch.float32, 4, "fp32"), (torch.bfloat16, 2, "bf16")):
+            probs.append(Problem(
+                "slice_volume", f"{shape} {tag}", samples, "samples", vol_bytes, samples * nbytes, vol_inputs,
+                lambda be, a, odt=odt: be.slice_volume(a["x"], a["maps"], S, h, w, 0.0, odt)))
+    if "radon" in ops:
+        probs.append(Problem(
+            "radon", shape, samples, "samples", vol_bytes, N * S * f32, vol_inputs,
+            lambda be, a: be.radon(a["x"], a["maps"], S, h, w, g.pixel_area)))
+    if "backproject" in ops:
+        def bp_inputs(dev):
+            return {"x": torch.randn(1, 1, N, S, device=dev), "maps": g.volume_maps(dtype=torch.float32, device=dev),
+                    "w": g.weights.to(device=dev, dtype=torch.float32)}
+        probs.append(Problem(
+            "backproject", f"{N}×{S} → {n_vol}³", N * n_vol ** 3, "updates", N * S * f32, vol_bytes, bp_inputs,
+            lambda be, a: be.backproject(a["x"], a["maps"], a["w"], g.volume_shape)))
+    if "backproject_slices" in ops:
+        n_small = sz(64)
+        gs = make_geometry((n_small,) * 3, n_directions=16)
+        Ns, Ss, hs, ws = gs.n_directions, gs.n_slices, gs.height, gs.width
+
+        def bps_inputs(dev):
+            return {"x": torch.randn(1, 1, Ns, Ss, hs, ws, device=dev),
+                    "maps": gs.volume_maps(dtype=torch.float32, device=dev),
+                    "w": gs.weights.to(device=dev, dtype=torch.float32)}
+        probs.append(Problem(
+            "backproject_slices", f"{Ns}×{Ss}×{hs}×{ws} → {n_small}³", Ns * n_small ** 3, "updates",
+            Ns * Ss * hs * ws * f32, n_small ** 3 * f32, bps_inputs,
+            lambda be, a: be.backproject_slices(a["x"], a["maps"], a["w"], gs.volume_shape)))
+    if "affine_grid_sample" in ops:
+        n_b, n_a = 4, sz(128)
+        size = [n_b, 1, n_a, n_a, n_a]
+
+        def aff_inputs(dev):
+            return {"x": torch.rand(n_b, 1, n_a, n_a, n_a, device=dev), "theta": _rotations(n_b).to(dev)}
+        probs.append(Problem(
+            "affine_grid_sample", f"{n_b}×{n_a}³ → {n_b}×{n_a}³", n_b * n_a ** 3, "samples", n_b * n_a ** 3 * f32,
+            n_b * n_a ** 3 * f32, aff_inputs, lambda be, a: be.affine_grid_sample(a["x"], a["theta"], size, False)))
+    return probs
+
+
+class Timer:
+    """Median time (ms) of ``fn(i)`` over calls, with warm-up; CUDA events on a GPU, wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[int], object], warmup: int, repeats: int, budget_s: float) -> List[float]:
+        for i in range(warmup):
+            fn(i)
+        self._sync()
+        times = []
+        t_start = time.perf_counter()
+        for i in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(warmup + i)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(warmup + i)
+                times.append((time.perf_counter() - t0) * 1e3)
+            # Slow backends (the reference) stop early, with at least 3 calls.
+            if i >= 2 and time.perf_counter() - t_start > budget_s:
+                break
+        return times
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def available(device: torch.device, wanted: Optional[List[str]]) -> Dict[str, object]:
+    """Backend modules to time: ``reference`` always; ``cuda``/``triton`` (GPU) or ``cpu`` when available."""
+    from tonno_fast.backends import backends as status, get_backend
+
+    names = ["reference"] + (["cuda", "triton"] if device.type == "cuda" else ["cpu"])
+    if wanted:
+        names = [n for n in names if n in wanted]
+    st = status()
+    out = {}
+    for n in names:
+        if st.get(n) == "available":
+            out[n] = get_backend(n, device)
+        else:
+            print(f"# backend {n}: not benchmarked ({st.get(n)})")
+    return out
+
+
+def run(problems: List[Problem], backends: Dict[str, object], device: torch.device, l2_mb: float,
+        warmup: int, repeats: int, budget_s: float) -> List[dict]:
+    timer = Timer(device)
+    rows = []
+    for p in problems:
+        in_bytes = max(p.in_bytes, 1.0)
+        n_copies = max(2, min(64, math.ceil(2 * l2_mb * 2 ** 20 / in_bytes)))
+        copies = [p.make_inputs(device) for _ in range(n_copies)]
+        ref_ms = None
+        for name, be in backends.items():
+            try:
+                times = timer(lambda i: p.call(be, copies[i % n_copies]), warmup, repeats, budget_s)
+            except Exception as exc:  # one failing backend must not hide the others
+                print(f"# {p.op} [{p.label}] {name}: failed: {type(exc).__name__}: {exc}")
+                continue
+            ms = statistics.median(times)
+            if name == "reference":
+                ref_ms = ms
+            rows.append(dict(op=p.op, size=p.label, backend=name, ms=ms, calls=len(times),
+                             rate=p.work / (ms * 1e-3) / 1e9, unit=p.unit,
+                             gbs=(p.in_bytes + p.out_bytes) / (ms * 1e-3) / 1e9,
+                             speedup=(ref_ms / ms) if ref_ms is not None else float("nan")))
+        del copies
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: List[dict], markdown: bool) -> str:
+    head = ["op", "size", "backend", "ms (median)", "calls", "throughput", "GB/s", "× reference"]
+    lines = []
+    for r in rows:
+        unit = "G samples/s" if r["unit"] == "samples" else "G updates/s"
+        lines.append([r["op"], r["size"], r["backend"], f"{r['ms']:.4g}", str(r["calls"]),
+                      f"{r['rate']:.3g} {unit}", f"{r['gbs']:.3g}",
+                      "—" if math.isnan(r["speedup"]) else f"{r['speedup']:.3g}"])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(l) + " |" for l in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head)] + [fmt.format(*l) for l in lines])
+
+
+def describe(device: torch.device) -> str:
+    parts = [f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", f"torch {torch.__version__}"]
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        parts.insert(0, f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2 ** 30:.0f} GiB)")
+        parts.append(f"CUDA {torch.version.cuda}")
+    else:
+        parts.insert(0, "CPU (harness smoke run: numbers are meaningless)")
+    try:
+        import tonno_fast._C as C
+
+        parts.append(f"build {C.build_info()}")
+    except Exception as exc:
+        parts.append(f"tonno_fast._C unavailable ({type(exc).__name__})")
+    return "; ".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--backends", default=None, help="comma-separated subset of reference,cuda,triton,cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer calls per measurement (2 warm-up, 5 timed)")
+    ap.add_argument("--dry-run", action="store_true", help="print the problem list and exit (no device needed)")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (harness smoke test only)")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink every linear size by this factor")
+    ap.add_argument("--l2-mb", type=float, default=50.0, help="L2 cache size to defeat (MB), default 50")
+    ap.add_argument("--budget-s", type=float, default=3.0, help="stop timing one backend after this many seconds")
+    ap.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
+    args = ap.parse_args(argv)
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        ap.error(f"unknown op(s) {bad}; choose from {OPS}")
+    if not (0 < args.scale <= 1):
+        ap.error(f"--scale must be in (0, 1], got {args.scale}")
+    problems = build_problems(args.scale, ops)
+    if args.dry_run:
+        for p in problems:
+            print(f"{p.op:20s} {p.label:32s} {p.work / 1e6:9.1f} M {p.unit:8s} "
+                  f"in {p.in_bytes / 2 ** 20:8.1f} MiB  out {p.out_bytes / 2 ** 20:8.1f} MiB")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run, or --device cpu --scale 0.125 for a smoke run", file=sys.stderr)
+        return 2
+    wanted = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    backends = available(device, wanted)
+    warmup, repeats = (2, 5) if args.quick else (3, 15)
+    header = describe(device)
+    print(f"# {header}")
+    rows = run(problems, backends, device, args.l2_mb, warmup, repeats, args.budget_s)
+    print(table(rows, markdown=False))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# tonno_fast GPU benchmark\n\n{header}\n\n{table(rows, markdown=True)}\n\n"
+                    "Throughput: samples (gathers) or updates (voxel × direction) per second. GB/s: compulsory "
+                    "traffic (inputs read once, output written once) / time. × reference: reference time / "
+                    "this backend's time, same run. Inputs rotate among copies larger than L2.\n")
+        print(f"# wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

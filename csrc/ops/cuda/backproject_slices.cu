@@ -1,0 +1,162 @@
+// CUDA kernels for tonno_fast::backproject_slices and its adjoint tonno_fast::backproject_slices_backward.
+//
+//   out[b, k, d, h, w] = sum_n weights[n] * trilinear(stacks[b, k, n], maps[n] @ (d, h, w, 1))
+//
+// stacks (B, K, N, S, h, w), maps = volume maps (N, 3, 4), out (B, K, D, H, W). Corners outside a stack
+// read zero.
+//
+// Forward (a gather, no atomics): one thread per voxel and up to kPlanes (b, k) planes; it loops over the
+// directions, computes the voxel's corners in the stack of direction n once and reuses them for its
+// planes. Maps and weights (a few hundred bytes) are read through the read-only cache, where every thread
+// of the block hits the same address; stack reads go through __ldg too. Output writes are coalesced.
+//
+// Adjoint: the scatter of weights[n] * grad[b, k, voxel] onto the voxel's eight corners in stack n, with
+// atomicAdd (float/double, sm_60+). Not bitwise deterministic: under
+// torch.use_deterministic_algorithms(True) it raises.
+#include "common.cuh"
+
+namespace tonno_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPlanes = 4;  // (b, k) planes per thread: the corners are shared across them
+
+// Grid: x (looped) over voxels, y over groups of kPlanes (b, k) planes.
+template <typename scalar_t>
+__global__ void backproject_slices_kernel(const scalar_t* __restrict__ stacks, const scalar_t* __restrict__ maps,
+                                          const scalar_t* __restrict__ weights, scalar_t* __restrict__ out,
+                                          int64_t BK, int64_t N, int64_t S, int64_t h, int64_t w, int64_t D,
+                                          int64_t H, int64_t W) {
+  const int64_t V = D * H * W;
+  const int64_t stack_size = S * h * w;
+  const int64_t bk0 = int64_t(blockIdx.y) * kPlanes;
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = v / (H * W);
+    const int64_t rem = v - d * H * W;
+    const int64_t hh = rem / W;
+    const scalar_t cd = scalar_t(d), ch = scalar_t(hh), cw = scalar_t(rem - hh * W);
+    scalar_t acc[kPlanes];
+#pragma unroll
+    for (int r = 0; r < kPlanes; ++r) acc[r] = scalar_t(0);
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t M[12];
+#pragma unroll
+      for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+      scalar_t x0, x1, x2;
+      maths::apply_affine(M, cd, ch, cw, x0, x1, x2);
+      int64_t off[8];
+      scalar_t wt[8];
+      if (!maths::trilinear_corners(S, h, w, h * w, w, int64_t(1), x0, x1, x2, off, wt)) continue;
+      const scalar_t wn = ldg(weights + n);
+#pragma unroll
+      for (int r = 0; r < kPlanes; ++r) {
+        if (bk0 + r < BK) acc[r] += wn * gather_corners(stacks + ((bk0 + r) * N + n) * stack_size, off, wt);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPlanes; ++r) {
+      if (bk0 + r < BK) out[(bk0 + r) * V + v] = acc[r];
+    }
+  }
+}
+
+// Adjoint: one thread per voxel, y over (b, k) planes (looped); scatter with atomics.
+template <typename scalar_t>
+__global__ void backproject_slices_backward_kernel(const scalar_t* __restrict__ grad,
+                                                   const scalar_t* __restrict__ maps,
+                                                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ out,
+                                                   int64_t BK, int64_t N, int64_t S, int64_t h, int64_t w, int64_t D,
+                                                   int64_t H, int64_t W) {
+  const int64_t V = D * H * W;
+  const int64_t stack_size = S * h * w;
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = v / (H * W);
+    const int64_t rem = v - d * H * W;
+    const int64_t hh = rem / W;
+    const scalar_t cd = scalar_t(d), ch = scalar_t(hh), cw = scalar_t(rem - hh * W);
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t M[12];
+#pragma unroll
+      for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+      scalar_t x0, x1, x2;
+      maths::apply_affine(M, cd, ch, cw, x0, x1, x2);
+      int64_t off[8];
+      scalar_t wt[8];
+      if (!maths::trilinear_corners(S, h, w, h * w, w, int64_t(1), x0, x1, x2, off, wt)) continue;
+      const scalar_t wn = ldg(weights + n);
+      for (int64_t bk = blockIdx.y; bk < BK; bk += gridDim.y) {
+        const scalar_t g = wn * ldg(grad + bk * V + v);
+        if (g != scalar_t(0)) scatter_corners(out + (bk * N + n) * stack_size, off, wt, g);
+      }
+    }
+  }
+}
+
+at::Tensor backproject_slices_cuda(const at::Tensor& stacks_in, const at::Tensor& maps_in,
+                                   const at::Tensor& weights_in, at::IntArrayRef volume_shape) {
+  check_float_cuda(stacks_in, "stacks", 6, "(B, K, N, S, h, w)");
+  const int64_t N = check_maps(maps_in, stacks_in, "stacks");
+  TORCH_CHECK(stacks_in.size(2) == N,
+              "tonno_fast: stacks must have shape (B, K, N, S, h, w) with N = maps.size(0) = ", N,
+              ", got ", stacks_in.sizes());
+  check_weights(weights_in, N, stacks_in, "stacks");
+  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t B = stacks_in.size(0), K = stacks_in.size(1), S = stacks_in.size(3), h = stacks_in.size(4),
+                w = stacks_in.size(5);
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
+  const int64_t BK = B * K;
+  TORCH_CHECK((BK + kPlanes - 1) / kPlanes <= 65535, "tonno_fast: stacks has B * K = ", BK,
+              "; the CUDA backproject_slices kernel supports at most ", 65535 * kPlanes);
+  const c10::cuda::CUDAGuard guard(stacks_in.device());
+  const at::Tensor stacks = stacks_in.contiguous();
+  const at::Tensor maps = maps_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  at::Tensor out = at::empty({B, K, D, H, W}, stacks.options());
+  if (out.numel() == 0) return out;
+  if (stacks.numel() == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(stacks.scalar_type(), "tonno_fast::backproject_slices (CUDA)", [&] {
+    const dim3 grid(blocks_for(D * H * W, kThreads), static_cast<unsigned int>((BK + kPlanes - 1) / kPlanes));
+    backproject_slices_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        stacks.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), BK, N, S, h, w, D, H, W);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
+                                            const at::Tensor& weights_in, at::IntArrayRef stack_shape) {
+  check_float_cuda(grad_in, "grad", 5, "(B, K, D, H, W)");
+  const int64_t N = check_maps(maps_in, grad_in, "grad");
+  check_weights(weights_in, N, grad_in, "grad");
+  check_shape_list(stack_shape, 3, "stack_shape", "(S, h, w)");
+  const int64_t B = grad_in.size(0), K = grad_in.size(1), D = grad_in.size(2), H = grad_in.size(3),
+                W = grad_in.size(4);
+  const int64_t S = stack_shape[0], h = stack_shape[1], w = stack_shape[2];
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor maps = maps_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  at::Tensor out = at::zeros({B, K, N, S, h, w}, grad.options());
+  if (grad.numel() == 0) return out;
+  alert_atomic_scatter("tonno_fast::backproject_slices_backward (CUDA kernel scatters with atomicAdd)");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::backproject_slices_backward (CUDA)", [&] {
+    const dim3 grid(blocks_for(D * H * W, kThreads), grid_yz(B * K));
+    backproject_slices_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), B * K, N, S, h, w, D, H, W);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
+  m.impl("backproject_slices", &backproject_slices_cuda);
+  m.impl("backproject_slices_backward", &backproject_slices_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace tonno_fast

@@ -1,0 +1,202 @@
+// CUDA kernels for tonno_fast::slice_volume and its adjoint tonno_fast::slice_volume_backward.
+//
+//   out[b, n, k, c, i, j] = trilinear(volume[b, c], maps[n] @ (k, i, j, 1))       (B, N, S, C, h, w)
+//
+// with each corner outside the volume reading `fill` (see maths.h inside_weight):
+//   out = sum_valid w v + fill * (1 - sum_valid w).
+//
+// Forward (a gather, no atomics): one thread owns VEC consecutive pixels of one row of one slice, so a
+// warp writes 32 * VEC consecutive output elements of every (b, c) plane: coalesced 16-byte stores (float4,
+// double2, or 8 x bf16/fp16). The VEC coordinates stay in registers and are reused for every (b, c); the
+// volume is read through the read-only path (__ldg): neighbouring pixels of a slice map to neighbouring
+// voxels, so the eight corner loads of a warp hit the same few cache lines.
+//
+// Adjoint: a scatter of each pixel's gradient onto its eight corners with atomicAdd (float/double,
+// sm_60+). Not bitwise deterministic: under torch.use_deterministic_algorithms(True) it raises.
+#include "common.cuh"
+
+namespace tonno_fast {
+namespace cuda {
+namespace {
+
+// VEC values of out_t stored with one instruction (16 bytes when VEC * sizeof(out_t) == 16).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Grid: x over the pixels of one slice in units of VEC (32-bit: h * w < 2^31 is checked), y (looped)
+// over the N * S slices.
+template <typename scalar_t, typename out_t, int VEC>
+__global__ void slice_volume_kernel(const scalar_t* __restrict__ volume, const scalar_t* __restrict__ maps,
+                                    out_t* __restrict__ out, int64_t B, int64_t C, int64_t D, int64_t H,
+                                    int64_t W, int64_t N, int64_t S, int32_t h, int32_t w, scalar_t fill) {
+  const int32_t w_vec = w / VEC;
+  const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= h * w_vec) return;
+  const int32_t i = p / w_vec;
+  const int32_t j0 = (p - i * w_vec) * VEC;
+  const int64_t plane = int64_t(h) * w;
+  const int64_t vol_size = D * H * W;
+  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
+    const int64_t n = slice / S;
+    const int64_t k = slice - n * S;
+    scalar_t M[12];
+#pragma unroll
+    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    // Continuous volume index of each of the VEC pixels: computed once, kept in registers.
+    scalar_t x0[VEC], x1[VEC], x2[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      maths::apply_affine(M, scalar_t(k), scalar_t(i), scalar_t(j0 + e), x0[e], x1[e], x2[e]);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* vol = volume + (b * C + c) * vol_size;
+        Pack<out_t, VEC> pack;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          int64_t off[8];
+          scalar_t wt[8];
+          scalar_t val = scalar_t(0);
+          scalar_t inside = scalar_t(0);
+          if (maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0[e], x1[e], x2[e], off, wt)) {
+            val = gather_corners(vol, off, wt);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) inside += wt[q];
+          }
+          if (fill != scalar_t(0)) val += fill * (scalar_t(1) - inside);
+          pack.v[e] = static_cast<out_t>(val);
+        }
+        const int64_t o = (((b * N + n) * S + k) * C + c) * plane + int64_t(i) * w + j0;
+        *reinterpret_cast<Pack<out_t, VEC>*>(out + o) = pack;
+      }
+    }
+  }
+}
+
+// Adjoint: one thread per pixel (grid as above with VEC = 1); corners computed once per pixel and reused
+// for every (b, c). atomicAdd: see the file comment.
+template <typename scalar_t>
+__global__ void slice_volume_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ maps,
+                                             scalar_t* __restrict__ out, int64_t B, int64_t C, int64_t D,
+                                             int64_t H, int64_t W, int64_t N, int64_t S, int32_t h, int32_t w) {
+  const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= h * w) return;
+  const int32_t i = p / w;
+  const int32_t j = p - i * w;
+  const int64_t plane = int64_t(h) * w;
+  const int64_t vol_size = D * H * W;
+  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
+    const int64_t n = slice / S;
+    const int64_t k = slice - n * S;
+    scalar_t M[12];
+#pragma unroll
+    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    scalar_t x0, x1, x2;
+    maths::apply_affine(M, scalar_t(k), scalar_t(i), scalar_t(j), x0, x1, x2);
+    int64_t off[8];
+    scalar_t wt[8];
+    if (!maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt)) continue;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t g = ldg(grad + (((b * N + n) * S + k) * C + c) * plane + p);
+        if (g != scalar_t(0)) scatter_corners(out + (b * C + c) * vol_size, off, wt, g);
+      }
+    }
+  }
+}
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename out_t, int VEC>
+void launch_forward(const at::Tensor& volume, const at::Tensor& maps, at::Tensor& out, int64_t S, int64_t h,
+                    int64_t w, double fill) {
+  const int64_t B = volume.size(0), C = volume.size(1), D = volume.size(2), H = volume.size(3),
+                W = volume.size(4), N = maps.size(0);
+  const dim3 grid(blocks_for(h * (w / VEC), kThreads), grid_yz(N * S));
+  slice_volume_kernel<scalar_t, out_t, VEC><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      volume.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<out_t>(), B, C, D,
+      H, W, N, S, static_cast<int32_t>(h), static_cast<int32_t>(w), static_cast<scalar_t>(fill));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pick 16-byte stores when a row holds a whole number of them (rows then start 16-byte aligned, since
+// the output is a fresh contiguous allocation), else one element per thread.
+template <typename scalar_t, typename out_t>
+void dispatch_vec(const at::Tensor& volume, const at::Tensor& maps, at::Tensor& out, int64_t S, int64_t h,
+                  int64_t w, double fill) {
+  constexpr int kVec = 16 / sizeof(out_t);
+  if (w % kVec == 0) {
+    launch_forward<scalar_t, out_t, kVec>(volume, maps, out, S, h, w, fill);
+  } else {
+    launch_forward<scalar_t, out_t, 1>(volume, maps, out, S, h, w, fill);
+  }
+}
+
+at::Tensor slice_volume_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, int64_t n_slices,
+                             int64_t height, int64_t width, double fill,
+                             std::optional<at::ScalarType> out_dtype) {
+  check_float_cuda(volume_in, "volume", 5, "(B, C, D, H, W)");
+  const int64_t N = check_maps(maps_in, volume_in, "volume");
+  check_positive(n_slices, "n_slices");
+  check_positive(height, "height");
+  check_positive(width, "width");
+  check_int32(height * width, "height * width (pixels per slice)");
+  const at::ScalarType odt = out_dtype.value_or(volume_in.scalar_type());
+  TORCH_CHECK(odt == at::kFloat || odt == at::kDouble || odt == at::kBFloat16 || odt == at::kHalf,
+              "tonno_fast: out_dtype must be float32, float64, bfloat16 or float16, got ", odt);
+  const c10::cuda::CUDAGuard guard(volume_in.device());
+  const at::Tensor volume = volume_in.contiguous();
+  const at::Tensor maps = maps_in.contiguous();
+  at::Tensor out = at::empty({volume.size(0), N, n_slices, volume.size(1), height, width},
+                             volume.options().dtype(odt));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::slice_volume (CUDA)", [&] {
+    switch (odt) {
+      case at::kFloat: dispatch_vec<scalar_t, float>(volume, maps, out, n_slices, height, width, fill); break;
+      case at::kDouble: dispatch_vec<scalar_t, double>(volume, maps, out, n_slices, height, width, fill); break;
+      case at::kBFloat16:
+        dispatch_vec<scalar_t, at::BFloat16>(volume, maps, out, n_slices, height, width, fill);
+        break;
+      default: dispatch_vec<scalar_t, at::Half>(volume, maps, out, n_slices, height, width, fill); break;
+    }
+  });
+  return out;
+}
+
+at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
+                                      at::IntArrayRef volume_shape) {
+  check_float_cuda(grad_in, "grad", 6, "(B, N, S, C, h, w)");
+  const int64_t N = check_maps(maps_in, grad_in, "grad");
+  TORCH_CHECK(grad_in.size(1) == N, "tonno_fast: grad must have shape (B, N, S, C, h, w) with N = maps.size(0) = ", N,
+              ", got ", grad_in.sizes());
+  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t B = grad_in.size(0), S = grad_in.size(2), C = grad_in.size(3), h = grad_in.size(4),
+                w = grad_in.size(5);
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
+  check_int32(h * w, "height * width (pixels per slice)");
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor maps = maps_in.contiguous();
+  at::Tensor out = at::zeros({B, C, D, H, W}, grad.options());
+  if (grad.numel() == 0) return out;
+  alert_atomic_scatter("tonno_fast::slice_volume_backward (CUDA kernel scatters with atomicAdd)");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::slice_volume_backward (CUDA)", [&] {
+    const dim3 grid(blocks_for(h * w, kThreads), grid_yz(N * S));
+    slice_volume_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, C,
+        D, H, W, N, S, static_cast<int32_t>(h), static_cast<int32_t>(w));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
+  m.impl("slice_volume", &slice_volume_cuda);
+  m.impl("slice_volume_backward", &slice_volume_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace tonno_fast
