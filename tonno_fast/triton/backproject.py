@@ -1,0 +1,232 @@
+"""Triton ``backproject``: smear a (filtered) sinogram back into a volume, and its adjoint.
+
+``backproject(sinogram (B,K,N,S), volume_maps (N,3,4), weights (N,), (D,H,W)) -> (B,K,D,H,W)``:
+``out[b,k,x] = Σ_n weights[n] · lerp(sinogram[b,k,n,:], t_n(x))`` with ``t_n(x) = volume_maps[n,0] @ (d,h,w,1)``
+the continuous slice index; taps outside ``[0, S-1]`` read zero.
+
+Kernel layout (the arithmetic-bound operator of PERFORMANCE.md): one program owns a tile of
+``BLOCK_BK`` (batch×channel rows) × ``BLOCK_V`` voxels and **loops over all directions inside the kernel**:
+the accumulator tile lives in registers for the whole sum, so each output voxel is written exactly once
+(no atomics, no read-modify-write of the volume, deterministic), and ``t_n`` and the two tap weights are
+computed once per voxel and direction and shared by the ``BLOCK_BK`` sinogram rows. The sinogram itself is
+tiny (``B·K·N·S`` values, a few hundred kB at most) and is read with gathers that hit L1/L2: Triton exposes
+no addressable shared memory, and a register-resident copy of a row could only be indexed through
+``tl.gather`` or a one-hot reduction, both costlier than a cached load (NOTE: not measured here — this
+machine has no GPU; ``benchmarks/gpu`` times it).
+
+Block sizes: ``BLOCK_BK`` = B·K rounded up to a power of two, at most 8; ``BLOCK_V`` is autotuned on a GPU
+over {128, 256, 512} voxels × {4, 8} warps, keyed on the problem size: the only kernel here whose speed
+should depend on the tile shape, since a wide ``BLOCK_BK × BLOCK_V`` tile reuses each tap over more rows but
+costs registers (NOTE, ptxas sm_90a float32, BLOCK_BK = 8: 54 registers at 128 voxels/4 warps, 96 at
+256/4 and 98 at 512/8; 32 for a single row at 256/4; float64 doubles them). Autotuning is safe because the
+kernel only writes its own output tile (no accumulation across launches). Under the interpreter there is no
+autotuning and up to 4096 voxels per program.
+
+The adjoint (``backproject_backward``: volume gradient → sinogram gradient) scatters every voxel's two taps
+with ``tl.atomic_add`` into the ``S`` bins of each direction (tile 8 rows × 128 voxels, 4 warps): correct
+but contended on a GPU, and the order of the adds (the last bits of a float32 result) is not deterministic.
+A contention-free alternative (a per-program reduction over the few bins a voxel tile touches) is the next
+step if ``benchmarks/gpu`` shows the atomics dominate.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRETED, alert_not_deterministic, apply_row, check_float, check_maps, check_weights,
+                      define_op, interpreter_block,
+                      interpreter_block_bk, launch, linear_taps, pow2_block)
+
+__all__ = ["backproject", "backproject_backward"]
+
+
+@triton.jit
+def _voxel_coords(vox, H, W, ct):
+    """Float ``(d, h, w)`` of flat voxel indices ``vox`` of a ``(D, H, W)`` volume."""
+    return (vox // (H * W)).to(ct), ((vox // W) % H).to(ct), (vox % W).to(ct)
+
+
+@triton.jit
+def _backproject_kernel(sino_ptr, maps_ptr, wts_ptr, out_ptr,
+                        BK, K, N, S, D, H, W, ssb, ssk, ssn, sss,
+                        BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pbk = tl.program_id(1).to(tl.int64)
+    ct = maps_ptr.dtype.element_ty
+    V = tl.cast(D, tl.int64) * H * W
+    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = vox < V
+    fd, fh, fw = _voxel_coords(vox, H, W, ct)
+    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
+    bkmask = bk < BK
+    rows = ((bk // K) * ssb + (bk % K) * ssk)[:, None]  # (BLOCK_BK, 1) sinogram row offsets
+    m2 = bkmask[:, None] & vmask[None, :]
+    acc = tl.zeros([BLOCK_BK, BLOCK_V], dtype=ct)
+    m_ptr = maps_ptr
+    w_ptr = wts_ptr
+    s_ptr = sino_ptr + rows
+    for n in range(N):
+        t = apply_row(m_ptr, 0, fd, fh, fw)
+        t0, t1, tw0, tw1 = linear_taps(t, S)
+        g0 = tl.load(s_ptr + (t0 * sss)[None, :], mask=m2 & (tw0 != 0)[None, :], other=0.0)
+        g1 = tl.load(s_ptr + (t1 * sss)[None, :], mask=m2 & (tw1 != 0)[None, :], other=0.0)
+        acc += tl.load(w_ptr) * (tw0[None, :] * g0 + tw1[None, :] * g1)
+        m_ptr += 12
+        w_ptr += 1
+        s_ptr += ssn
+    tl.store(out_ptr + bk[:, None] * V + vox[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _backproject_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, out_ptr,
+                                BK, K, N, S, D, H, W, sgb, sgk, sgd, sgh, sgw,
+                                BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out (B,K,N,S) += w_n · tap weight · g[b,k,x]`` for the voxels of one tile and one direction."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    pbk = tl.program_id(2).to(tl.int64)
+    ct = maps_ptr.dtype.element_ty
+    V = tl.cast(D, tl.int64) * H * W
+    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = vox < V
+    fd, fh, fw = _voxel_coords(vox, H, W, ct)
+    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
+    bkmask = bk < BK
+    t = apply_row(maps_ptr + n * 12, 0, fd, fh, fw)
+    t0, t1, tw0, tw1 = linear_taps(t, S)
+    m2 = bkmask[:, None] & vmask[None, :] & ((tw0 + tw1) != 0)[None, :]
+    goff = ((bk // K) * sgb + (bk % K) * sgk)[:, None] + (
+        (vox // (H * W)) * sgd + ((vox // W) % H) * sgh + (vox % W) * sgw)[None, :]
+    g = tl.load(g_ptr + goff, mask=m2, other=0.0).to(ct) * tl.load(wts_ptr + n)
+    rows = out_ptr + (bk[:, None] * N + n) * S
+    tl.atomic_add(rows + t0[None, :], tw0[None, :] * g, mask=m2 & (tw0 != 0)[None, :])
+    tl.atomic_add(rows + t1[None, :], tw1[None, :] * g, mask=m2 & (tw1 != 0)[None, :])
+
+
+if INTERPRETED:
+    _forward_kernel = _backproject_kernel
+else:  # pragma: no cover - GPU only
+    # A pure gather kernel (each output written once), so re-running it while tuning is harmless.
+    _forward_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv in (128, 256, 512) for nw in (4, 8)],
+        key=["BK", "N", "S", "D", "H", "W"],
+    )(_backproject_kernel)
+
+
+def _block_bk(bk: int) -> int:
+    return interpreter_block_bk(bk) if INTERPRETED else pow2_block(bk, 1, 8)
+
+
+def _backproject_impl(sinogram: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor,
+                      volume_shape: List[int]) -> torch.Tensor:
+    B, K, N, S = sinogram.shape
+    D, H, W = volume_shape
+    out = sinogram.new_zeros((B, K, D, H, W))
+    V = D * H * W
+    if out.numel() == 0 or N == 0 or S == 0:
+        return out
+    bbk = _block_bk(B * K)
+    args = (sinogram, maps, weights, out, B * K, K, N, S, D, H, W, *sinogram.stride())
+    if INTERPRETED:
+        bv = interpreter_block(V)
+        grid = (triton.cdiv(V, bv), triton.cdiv(B * K, bbk))
+        launch(_forward_kernel, sinogram)[grid](*args, BLOCK_BK=bbk, BLOCK_V=bv)
+    else:  # pragma: no cover - GPU only
+        grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]), triton.cdiv(B * K, bbk))  # noqa: E731
+        launch(_forward_kernel, sinogram)[grid](*args, BLOCK_BK=bbk)
+    return out
+
+
+_bp_op = define_op("backproject", _backproject_impl)
+
+
+@_bp_op.register_fake
+def _(sinogram, maps, weights, volume_shape):
+    return sinogram.new_empty((sinogram.shape[0], sinogram.shape[1], *volume_shape))
+
+
+def _backproject_backward_impl(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor,
+                               n_slices: int) -> torch.Tensor:
+    alert_not_deterministic("backproject_backward", grad.device)
+    B, K, D, H, W = grad.shape
+    N = maps.shape[0]
+    out = torch.zeros((B, K, N, n_slices), dtype=maps.dtype, device=maps.device)
+    V = D * H * W
+    if out.numel() == 0 or V == 0:
+        return out
+    bbk = _block_bk(B * K)
+    bv = interpreter_block(V) if INTERPRETED else pow2_block(V, 32, 128)
+    grid = (triton.cdiv(V, bv), N, triton.cdiv(B * K, bbk))
+    launch(_backproject_adjoint_kernel, grad)[grid](grad, maps, weights, out, B * K, K, N, n_slices, D, H, W,
+                                                    *grad.stride(), BLOCK_BK=bbk, BLOCK_V=bv, num_warps=4)
+    return out
+
+
+_bp_bwd_op = define_op("backproject_backward", _backproject_backward_impl)
+
+
+@_bp_bwd_op.register_fake
+def _(grad, maps, weights, n_slices):
+    return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], n_slices), dtype=maps.dtype)
+
+
+def _setup(ctx, inputs, output):
+    sinogram, maps, weights, volume_shape = inputs
+    ctx.save_for_backward(maps, weights)
+    ctx.n_slices = sinogram.shape[3]
+
+
+def _backward(ctx, grad):
+    maps, weights = ctx.saved_tensors
+    gs = torch.ops.tonno_fast_triton.backproject_backward(grad, maps, weights, ctx.n_slices)
+    return gs, None, None, None
+
+
+_bp_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _setup_bwd(ctx, inputs, output):
+    grad, maps, weights, n_slices = inputs
+    ctx.save_for_backward(maps, weights)
+    ctx.volume_shape = list(grad.shape[2:])
+
+
+def _backward_bwd(ctx, gg):
+    maps, weights = ctx.saved_tensors
+    return torch.ops.tonno_fast_triton.backproject(gg, maps, weights, ctx.volume_shape), None, None, None
+
+
+_bp_bwd_op.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+
+
+def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
+                volume_shape: Sequence[int]) -> torch.Tensor:
+    """``(B, K, N, S)`` sinogram → ``(B, K, D, H, W)`` volume (see module doc). Differentiable in
+    ``sinogram`` (exact adjoint); ``volume_maps`` and ``weights`` are constants."""
+    check_float(sinogram, "sinogram")
+    if sinogram.ndim != 4:
+        raise ValueError(f"sinogram must have shape (B, K, N, S), got {tuple(sinogram.shape)}")
+    maps = check_maps(volume_maps, sinogram, "volume_maps")
+    if maps.shape[0] != sinogram.shape[2]:
+        raise ValueError(f"volume_maps has {maps.shape[0]} directions but sinogram has N = {sinogram.shape[2]}")
+    w = check_weights(weights, maps.shape[0], sinogram)
+    return torch.ops.tonno_fast_triton.backproject(sinogram, maps, w, _shape3(volume_shape))
+
+
+def backproject_backward(grad: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
+                         n_slices: int) -> torch.Tensor:
+    """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, n_slices)``."""
+    check_float(grad, "grad")
+    maps = check_maps(volume_maps, grad, "volume_maps")
+    w = check_weights(weights, maps.shape[0], grad)
+    return torch.ops.tonno_fast_triton.backproject_backward(grad, maps, w, int(n_slices))
+
+
+def _shape3(volume_shape: Sequence[int]) -> List[int]:
+    shape = [int(x) for x in volume_shape]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"volume_shape must be (D, H, W) with positive sizes, got {tuple(volume_shape)}")
+    return shape
