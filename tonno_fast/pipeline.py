@@ -1,19 +1,46 @@
 """ToNNO end to end: slice a volume, score every slice with a 2D encoder, invert the Radon transform.
 
-Slices are made chunk by chunk (a few directions at a time) and freed as soon as the encoder has scored
-them, so peak memory is set by ``batch_size``, not by the number of directions times slices (§5).
+All pipelines (ToNNO scores here, Averaged/Tomographic/slice-wise CAM in :mod:`tonno_fast.cam.pipelines`) run
+through ONE streaming loop, :func:`stream` (DESIGN.md §5). It walks the directions in *chunks*; within a chunk
+it makes the slices of a few directions (or of a range of slices of one direction) at a time, sends them
+through the encoder in batches of ``batch_size``, writes the per-slice results (scores ``(K,)`` or CAMs
+``(K, h, w)``) into the chunk's buffer ``(B, K, n, S, ...)`` and hands the full buffer to a ``finish``
+callback (store the scores; or filter and backproject the CAM stacks into an accumulator), then frees it.
+
+Peak memory is set by ``max_memory`` (bytes), never by ``N × S``:
+
+* at most ``max_memory / 2`` of chunk buffers (CAM stacks; the score buffers are tiny),
+* at most ``max_memory / 4`` of slices in flight (as sliced, plus their context/z-scored copy),
+* at most ``max_memory / 4`` of filter work (the CAM stacks are filtered a few pixel rows at a time),
+
+plus what does not depend on the geometry's size: the volume, the output accumulator, the encoder's
+activations for one batch (``batch_size``), and the backend's own temporaries (the reference backend's
+coordinate grids, ≤ 256 MiB). A CAM buffer always holds at least one whole direction (``K × S × h × w``),
+because the filter and the trilinear backprojection need every slice of a stack.
+
+Slice ranges of a direction are made with the geometry's own index-space maps shifted along the slice
+index (``k → k + k0`` is a change of the translation column of the map, not new geometry), which is also
+how the context slices at ``k ± step`` beyond the ends of a stack are obtained.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+import time
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from .backends import get_backend
+from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
-from .ops import filtered_backprojection, slice_volume
-from .validation import as_volume5d
+from .ops import filtered_backprojection
+from .validation import as_volume5d, finite_float
 
-__all__ = ["tomographic_heatmap", "encode_slices", "direction_chunks", "call_encoder"]
+__all__ = ["tomographic_heatmap", "encode_slices", "direction_chunks", "call_encoder", "stream",
+           "GeometrySlicer", "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size"]
+
+DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB: a few directions of CAM stacks of a 256³ volume
+DEFAULT_BATCH_SIZE = 256
 
 
 def direction_chunks(geometry: Geometry, slices_per_chunk: int) -> Iterator[Tuple[int, int]]:
@@ -25,95 +52,252 @@ def direction_chunks(geometry: Geometry, slices_per_chunk: int) -> Iterator[Tupl
 
 def call_encoder(encoder: Callable, batch: torch.Tensor) -> torch.Tensor:
     """Run ``encoder`` on ``(M, C, h, w)`` slices and check its answer: ``(M, K)`` floating scores."""
-    try:
-        out = encoder(batch)
-    except Exception as exc:
-        raise RuntimeError(f"encoder raised {type(exc).__name__} on a batch of slices of shape "
-                           f"{tuple(batch.shape)}: {exc}") from exc
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"encoder must return a torch.Tensor of scores, got {type(out).__name__}")
-    M = batch.shape[0]
-    if out.ndim == 1 and out.shape[0] == M:
-        out = out[:, None]
-    if out.ndim != 2 or out.shape[0] != M:
-        raise ValueError(f"encoder must return scores of shape (M,) or (M, K) for M = {M} slices, "
-                         f"got {tuple(out.shape)}")
-    if not (out.is_floating_point()):
-        raise TypeError(f"encoder must return floating-point scores, got dtype {out.dtype}")
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError("encoder returned NaN or inf scores")
-    return out
+    return as_encoder(encoder).scores(batch)
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="slice")
-
-
-def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *, batch_size: int = 256,
-                  backend: str = "auto", fill: float = 0.0, progress: bool = False) -> torch.Tensor:
-    """Score every slice of ``geometry``: volume ``(B, C, D, H, W)`` → sinogram ``(B, K, N, S)``.
-
-    The encoder sees ``(M, C, h, w)`` slices (``M ≤ batch_size``) in the volume's dtype and is called under
-    ``torch.no_grad()``; scores come back in the volume's dtype on its device.
-    """
+def resolve_batch_size(batch_size: Optional[int], encoder: Encoder) -> int:
+    """``batch_size`` if given, else the encoder's, else ``DEFAULT_BATCH_SIZE``."""
+    if batch_size is None:
+        batch_size = encoder.batch_size or DEFAULT_BATCH_SIZE
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    B = volume.shape[0]
-    S = geometry.n_slices
-    bar = _progress(B * geometry.n_directions * S, progress, "encoding slices")
-    chunks = []
+    return batch_size
+
+
+def _check_max_memory(max_memory) -> int:
+    if max_memory is None:
+        return DEFAULT_MAX_MEMORY
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
+    return max_memory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slicers: where the slices of the loop come from.
+# ---------------------------------------------------------------------------------------------------------
+class GeometrySlicer:
+    """Oblique slices of ``volume`` ``(B, C, D, H, W)`` for ``geometry``; ``self(n0, n1, k0, k1)`` →
+    ``(B, n1 - n0, k1 - k0, C, h, w)``: slices ``k0 ≤ k < k1`` of directions ``n0 ≤ n < n1``. ``k`` may lie
+    outside ``[0, S)``: those are the parallel planes ``Δs`` further out (used for context channels)."""
+
+    def __init__(self, volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0, backend: str = "auto",
+                 out_dtype: Optional[torch.dtype] = None):
+        self.volume, self.geometry, self.fill, self.out_dtype = volume, geometry, float(fill), out_dtype
+        self.backend = get_backend(backend, volume.device)
+        self.maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
+        self.n_directions, self.n_slices = geometry.n_directions, geometry.n_slices
+        self.height, self.width = geometry.height, geometry.width
+
+    def __call__(self, n0: int, n1: int, k0: int, k1: int) -> torch.Tensor:
+        maps = self.maps[n0:n1]
+        if k0 != 0:
+            # (d, h, w) = M @ (k0 + k', i, j, 1): shift the translation column by k0 times the k column.
+            maps = maps.clone()
+            maps[:, :, 3] += k0 * maps[:, :, 0]
+        return self.backend.slice_volume(self.volume, maps, k1 - k0, self.height, self.width, self.fill,
+                                         self.out_dtype)
+
+
+class AxialSlicer:
+    """The axial images ``volume[:, :, k]`` as a single "direction" of ``S = D`` slices (the 2D baseline),
+    resized bilinearly to ``size`` ``(h, w)`` when that differs from ``(H, W)``; ``k`` outside ``[0, D)``
+    reads ``fill``."""
+
+    def __init__(self, volume: torch.Tensor, size: Optional[Tuple[int, int]] = None, *, fill: float = 0.0,
+                 out_dtype: Optional[torch.dtype] = None):
+        self.volume, self.fill, self.out_dtype = volume, float(fill), out_dtype
+        B, C, D, H, W = volume.shape
+        self.n_directions, self.n_slices = 1, D
+        self.height, self.width = (H, W) if size is None else (int(size[0]), int(size[1]))
+
+    def __call__(self, n0: int, n1: int, k0: int, k1: int) -> torch.Tensor:
+        B, C, D, H, W = self.volume.shape
+        lo, hi = max(k0, 0), min(k1, D)
+        imgs = self.volume[:, :, lo:hi].permute(0, 2, 1, 3, 4)  # (B, L, C, H, W)
+        if (H, W) != (self.height, self.width) and hi > lo:
+            imgs = F.interpolate(imgs.reshape(-1, C, H, W), size=(self.height, self.width), mode="bilinear",
+                                 align_corners=False).reshape(B, hi - lo, C, self.height, self.width)
+        if lo > k0 or hi < k1:
+            out = imgs.new_full((B, k1 - k0, C, self.height, self.width), self.fill)
+            if hi > lo:
+                out[:, lo - k0:hi - k0] = imgs
+            imgs = out
+        return imgs.unsqueeze(1).to(self.out_dtype or self.volume.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The streaming loop.
+# ---------------------------------------------------------------------------------------------------------
+class _Timer:
+    """Accumulates wall time per stage into ``timings`` (seconds); synchronises CUDA so GPU work is
+    charged to the stage that launched it."""
+
+    def __init__(self, timings: Optional[Dict[str, float]], devices):
+        self.timings = timings
+        self.cuda = [d for d in devices if torch.device(d).type == "cuda"]
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                if timer.timings is not None:
+                    for d in timer.cuda:
+                        torch.cuda.synchronize(d)
+                    self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.timings is not None:
+                    for d in timer.cuda:
+                        torch.cuda.synchronize(d)
+                    timer.timings[stage] = timer.timings.get(stage, 0.0) + time.perf_counter() - self.t0
+        return _Ctx()
+
+
+def stream(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Tensor],
+           finish: Callable[[int, int, torch.Tensor], None], *, stats=None, batch_size: int = DEFAULT_BATCH_SIZE,
+           max_memory: Optional[int] = None, held_bytes_per_direction: int = 0,
+           buffer_dtype: torch.dtype = torch.float32, progress: bool = False,
+           timings: Optional[Dict[str, float]] = None, timer: Optional[_Timer] = None) -> None:
+    """The one streaming loop of every pipeline (see the module docstring).
+
+    Args:
+        slicer: :class:`GeometrySlicer` or :class:`AxialSlicer` (attributes ``n_directions``, ``n_slices``,
+            ``height``, ``width``; ``slicer(n0, n1, k0, k1)`` → ``(B, n, k1 - k0, C, h, w)``).
+        encoder: the :class:`~tonno_fast.encoder.Encoder` (its context/z-score are applied here).
+        compute: model-channel slices ``(M, c, h, w)`` → ``(M, K)`` scores or ``(M, K, h, w)`` CAMs, on the
+            slices' device.
+        finish: ``finish(n0, n1, buffer)`` with ``buffer`` ``(B, K, n1 - n0, S, ...)`` of ``buffer_dtype``:
+            the results of directions ``n0 ≤ n < n1``; it may modify the buffer in place.
+        stats: z-score statistics from ``encoder.prepare_volume``.
+        batch_size: slices per ``compute`` call.
+        max_memory: bytes (default :data:`DEFAULT_MAX_MEMORY`) shared as in the module docstring.
+        held_bytes_per_direction: size of one direction of the chunk buffer (0 for scores).
+        timings: if a dict, receives seconds spent in ``"slicing"``, ``"encoder"`` and ``"reconstruction"``.
+    """
+    budget = _check_max_memory(max_memory)
+    N, S, h, w = slicer.n_directions, slicer.n_slices, slicer.height, slicer.width
+    vol = slicer.volume
+    B, C = vol.shape[:2]
+    elem = torch.empty((), dtype=getattr(slicer, "out_dtype", None) or vol.dtype).element_size()
+    halo = encoder.halo
+    c_model = C * (2 * encoder.context + 1)
+    copies = 1 + int(stats is not None or encoder.context > 0)  # raw slices + assembled copy
+    per_position = B * h * w * elem * (C + (c_model if copies > 1 else 0))
+    n_chunk = N if held_bytes_per_direction <= 0 else max(1, min(N, (budget // 2) // held_bytes_per_direction))
+    slice_budget = budget // 4
+    if (S + 2 * halo) * per_position <= slice_budget:
+        n_item, L = max(1, min(n_chunk, slice_budget // ((S + 2 * halo) * per_position))), S
+    else:
+        n_item, L = 1, max(1, slice_budget // per_position - 2 * halo)
+    timer = timer or _Timer(timings, [vol.device, encoder.device(vol.device)])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=B * N * S, desc="encoding slices", unit="slice")
+    K = None
     try:
-        with torch.no_grad():
-            for n0, n1 in direction_chunks(geometry, max(1, batch_size // B)):
-                sub = geometry.with_directions(slice(n0, n1))
-                slices = slice_volume(volume, sub, fill=fill, backend=backend)  # (B,n,S,C,h,w)
-                flat = slices.reshape(-1, *slices.shape[3:])
-                scores = []
-                for m0 in range(0, flat.shape[0], batch_size):
-                    part = call_encoder(encoder, flat[m0:m0 + batch_size])
-                    scores.append(part.to(device=volume.device, dtype=volume.dtype))
-                    if bar is not None:
-                        bar.update(part.shape[0])
-                del slices, flat
-                s = torch.cat(scores)
-                if chunks and s.shape[1] != chunks[0].shape[-1]:
-                    raise ValueError(f"encoder returned {s.shape[1]} scores per slice, earlier {chunks[0].shape[-1]}")
-                chunks.append(s.reshape(B, n1 - n0, S, -1))
+        for n0 in range(0, N, n_chunk):
+            n1 = min(N, n0 + n_chunk)
+            buffer = None
+            for a0 in range(n0, n1, n_item):
+                a1 = min(n1, a0 + n_item)
+                for k0 in range(0, S, L):
+                    k1 = min(S, k0 + L)
+                    with timer("slicing"):
+                        x = encoder.assemble(slicer(a0, a1, k0 - halo, k1 + halo), stats)
+                        flat = x.reshape(-1, *x.shape[3:])  # (B·n·L, c, h, w), b slowest
+                    with timer("encoder"):
+                        parts = []
+                        for m0 in range(0, flat.shape[0], batch_size):
+                            parts.append(compute(flat[m0:m0 + batch_size]))
+                            # Per batch: torch.cat below would fail with a message about tensors.
+                            if K is None:
+                                K = parts[-1].shape[1]
+                            elif parts[-1].shape[1] != K:
+                                raise ValueError(f"encoder returned {parts[-1].shape[1]} outputs per slice, "
+                                                 f"earlier {K}")
+                            if bar is not None:
+                                bar.update(parts[-1].shape[0])
+                        res = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    del x, flat, parts
+                    if K is None:
+                        K = res.shape[1]
+                    elif res.shape[1] != K:
+                        raise ValueError(f"encoder returned {res.shape[1]} outputs per slice, earlier {K}")
+                    res = res.reshape(B, a1 - a0, k1 - k0, *res.shape[1:]).movedim(3, 1)  # (B,K,n,L,...)
+                    if buffer is None:
+                        buffer = torch.empty((B, K, n1 - n0, S) + tuple(res.shape[4:]), dtype=buffer_dtype,
+                                             device=vol.device)
+                    buffer[:, :, a0 - n0:a1 - n0, k0:k1] = res
+                    del res
+            with timer("reconstruction"):
+                finish(n0, n1, buffer)
+            del buffer
     finally:
         if bar is not None:
             bar.close()
-    return torch.cat(chunks, dim=1).permute(0, 3, 1, 2).contiguous()  # (B,K,N,S)
+
+
+def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
+                  backend: str = "auto", fill: float = 0.0, progress: bool = False,
+                  max_memory: Optional[int] = None, timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+    """Score every slice of ``geometry``: volume ``(B, C, D, H, W)`` → sinogram ``(B, K, N, S)``.
+
+    ``encoder``: an :class:`~tonno_fast.encoder.Encoder` (its window, z-score, context, channels, device and
+    autocast apply) or any callable ``(M, C, h, w) → (M,)``/``(M, K)``, called under ``torch.no_grad()`` in
+    batches of at most ``batch_size`` slices (default: the Encoder's, else 256). Scores come back in the
+    volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`stream`).
+    """
+    enc = as_encoder(encoder)
+    batch_size = resolve_batch_size(batch_size, enc)
+    fill = finite_float(fill, "fill")
+    vol, fill, stats = enc.prepare_volume(volume, fill)
+    slicer = GeometrySlicer(vol, geometry, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
+    sino = {}
+
+    def finish(n0, n1, buf):  # buf (B, K, n, S)
+        sino[n0] = buf
+
+    stream(slicer, enc, enc.scores, finish, stats=stats, batch_size=batch_size, max_memory=max_memory,
+           buffer_dtype=volume.dtype, progress=progress, timings=timings)
+    return torch.cat([sino[n0] for n0 in sorted(sino)], dim=2)
 
 
 def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, directions=None, weights=None,
                         spacing=None, slice_size=None, slice_spacing=None, pixel_spacing=None,
                         n_slices: Optional[int] = None, filter: str = "ramp2", window: Optional[str] = None,
-                        batch_size: int = 256, backend: str = "auto", progress: bool = False,
-                        fill: float = 0.0, allow_nonfinite: bool = False) -> torch.Tensor:
+                        batch_size: Optional[int] = None, backend: str = "auto", progress: bool = False,
+                        fill: float = 0.0, allow_nonfinite: bool = False, max_memory: Optional[int] = None,
+                        timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
     """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (DESIGN.md §1, §3).
 
     Args:
         volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype
             (int16 CT is converted to float32).
         encoder: callable ``(M, C, h, w)`` slices → ``(M,)`` or ``(M, K)`` scores (an ``nn.Module``, a function,
-            a TorchScript module). Called under ``torch.no_grad()`` in chunks of at most ``batch_size`` slices.
+            a TorchScript module), or a :class:`tonno_fast.Encoder` carrying input adaptation (window, z-score,
+            context slices, channel replication, ``input_size``, device, autocast, output selection).
+            Called under ``torch.no_grad()`` in chunks of at most ``batch_size`` slices.
         n_directions: number of Fibonacci directions on the hemisphere (ignored when ``directions`` given).
         directions: ``(N, 3)`` unit vectors (x, y, z), ``(N, 2)`` angles (θ, φ) or ``(N, 3, 3)`` rotations.
         weights: ``(N,)`` quadrature weights (default ``2π/N``).
         spacing: voxel spacing ``(sz, sy, sx)`` mm (default 1 mm).
-        slice_size: ``int`` or ``(h, w)`` pixels of each slice (default: covers the bounding sphere).
+        slice_size: ``int`` or ``(h, w)`` pixels of each slice (default: the Encoder's ``input_size``, else
+            covers the bounding sphere).
         slice_spacing: Δs mm between slices (default ``min(spacing)``).
         pixel_spacing: δ mm between pixels (default ``min(spacing)``, or follows ``slice_size``).
         n_slices: slices per direction (default: covers the bounding sphere).
         filter: ``"ramp2"`` (exact 3D inverse), ``"laplacian"``, ``"ramp"`` or ``"none"``.
         window: ``None``, ``"shepp-logan"``, ``"cosine"``, ``"hamming"`` or ``"hann"`` (FFT filters).
+        batch_size: slices per encoder call (default: the Encoder's ``batch_size``, else 256).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         progress: show a progress bar over the slices.
         fill: value read outside the volume.
         allow_nonfinite: accept NaN/inf voxels instead of raising.
+        max_memory: bytes of slices in flight (default 1 GiB; see :func:`stream`).
+        timings: if a dict, receives the seconds spent in ``"slicing"``, ``"encoder"`` and
+            ``"reconstruction"`` (filter + backprojection).
 
     Returns:
         Heatmap on the volume's device, float32 (float64 for a float64 volume): ``(D, H, W)`` for a 3D volume
@@ -124,12 +308,28 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
+    enc = as_encoder(encoder)
     geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
-                             weights=weights, slice_size=slice_size, pixel_spacing=pixel_spacing,
+                             weights=weights, slice_size=_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
                              slice_spacing=slice_spacing, n_slices=n_slices)
-    scores = encode_slices(vol, geometry, encoder, batch_size=batch_size, backend=backend, fill=fill,
-                           progress=progress)
-    heat = filtered_backprojection(scores, geometry, filter=filter, window=window, backend=backend)
+    scores = encode_slices(vol, geometry, enc, batch_size=batch_size, backend=backend, fill=fill,
+                           progress=progress, max_memory=max_memory, timings=timings)
+    timer = _Timer(timings, [vol.device])
+    with timer("reconstruction"):
+        heat = filtered_backprojection(scores, geometry, filter=filter, window=window, backend=backend)
     if ndim == 3 and heat.shape[1] == 1:
         return heat[0, 0]
     return heat
+
+
+def _slice_size(slice_size, encoder: Encoder):
+    """The geometry's slice size: the user's, else the encoder's ``input_size``; both must agree."""
+    if encoder.input_size is None:
+        return slice_size
+    if slice_size is None:
+        return encoder.input_size
+    given = (slice_size, slice_size) if isinstance(slice_size, int) else tuple(int(s) for s in slice_size)
+    if given != encoder.input_size:
+        raise ValueError(f"slice_size={given} contradicts the encoder's input_size={encoder.input_size}; "
+                         "give one of them")
+    return slice_size
