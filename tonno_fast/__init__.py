@@ -11,13 +11,24 @@ from .io import load_nifti, save_nifti
 from .ops import (affine_grid_sample, backproject, backproject_slices, filtered_backprojection, radon,
                   slice_volume)
 from .pipeline import encode_slices, tomographic_heatmap
+from .encoder import Encoder
+from .cam import averaged_cam, slicewise_cam, tomographic_cam
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Encoder", "averaged_cam", "tomographic_cam", "slicewise_cam",
     "tomographic_heatmap", "encode_slices",
     "slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample",
     "filtered_backprojection", "apply_filter",
     "Geometry", "make_geometry", "fibonacci_directions", "parse_directions",
     "load_nifti", "save_nifti", "backends", "BackendUnavailable",
 ]
+
+# Weak supervision and evaluation (issue 7): training slices, a BCE helper, Dice/IoU and thresholds.
+from .sampler import ObliqueSliceSampler, SliceBatch, sample_directions
+from .training import evaluate_encoder, train_encoder
+from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, threshold_sweep
+
+__all__ += ["ObliqueSliceSampler", "SliceBatch", "sample_directions", "train_encoder", "evaluate_encoder",
+            "dice", "iou", "threshold_sweep", "evaluate_heatmap", "evaluate_heatmaps"]

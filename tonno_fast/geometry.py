@@ -55,6 +55,8 @@ def normalize_spacing(spacing, name: str = "spacing") -> Tuple[float, float, flo
         return (1.0, 1.0, 1.0)
     if isinstance(spacing, torch.Tensor):
         spacing = spacing.detach().cpu().tolist()
+    if isinstance(spacing, (str, bytes)):
+        raise TypeError(f"{name} must be a number or a sequence of 3 numbers (sz, sy, sx) in mm, got {spacing!r}")
     if isinstance(spacing, (int, float, np.floating, np.integer)):
         spacing = (float(spacing),) * 3
     try:
@@ -289,11 +291,16 @@ def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: in
         slice_spacing: Δs (mm); default ``min(spacing)``.
         n_slices: slices per direction; default: enough to cover the bounding sphere.
     """
-    if len(volume_shape) != 3:
-        raise ValueError(f"volume_shape must be (D, H, W), got {tuple(volume_shape)}")
+    if isinstance(volume_shape, torch.Size):
+        volume_shape = tuple(volume_shape)
+    if isinstance(volume_shape, (str, bytes)) or not hasattr(volume_shape, "__len__") or len(volume_shape) != 3:
+        raise ValueError(f"volume_shape must be a sequence of 3 integers (D, H, W), got {volume_shape!r}")
+    # Refuse 2.5 or "7" rather than truncate: a wrong shape would silently mis-place every slice.
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in volume_shape):
+        raise TypeError(f"volume_shape must hold integers (D, H, W), got {tuple(volume_shape)!r}")
     shape = tuple(int(s) for s in volume_shape)
     if min(shape) < 1:
-        raise ValueError(f"volume must have at least one voxel along each axis, got shape {shape}")
+        raise ValueError(f"volume_shape must have at least one voxel along each axis, got {shape}")
     spacing = normalize_spacing(spacing)
     if directions is None:
         frames = frames_from_directions(fibonacci_directions(n_directions))
@@ -316,11 +323,11 @@ def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: in
             h = w_px = _positive_int(slice_size, "slice_size")
         else:
             try:
-                h, w_px = (int(x) for x in slice_size)
+                h, w_px = slice_size
             except (TypeError, ValueError):
                 raise ValueError(f"slice_size must be an int or a pair (h, w), got {slice_size!r}") from None
-            _positive_int(h, "slice_size[0]")
-            _positive_int(w_px, "slice_size[1]")
+            h = _positive_int(h, "slice_size[0]")
+            w_px = _positive_int(w_px, "slice_size[1]")
         if pixel_spacing is None:
             delta = 2 * radius / min(h, w_px)
         else:
@@ -328,3 +335,77 @@ def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: in
     ds = min(spacing) if slice_spacing is None else _positive_float(slice_spacing, "slice_spacing")
     S = _covering_count(radius, ds) if n_slices is None else _positive_int(n_slices, "n_slices")
     return Geometry(shape, spacing, frames, w, S, h, w_px, float(delta), float(ds))
+
+
+def rotate_frames_in_plane(frames: torch.Tensor, angles) -> torch.Tensor:
+    """Turn each frame's in-plane axes about its normal: ``(N, 3, 3)`` rows ``u, v, n`` → rows ``u', v', n``.
+
+    ``u' = cos α u + sin α v``, ``v' = -sin α u + cos α v`` with ``angles`` ``(N,)`` (radians), so the image
+    content of a slice turns by ``-α`` and the frame stays right-handed. Used by the training sampler to
+    add a random in-plane rotation without touching the slicing kernels.
+    """
+    frames = _as_float64(frames, "frames")
+    if frames.ndim != 3 or frames.shape[1:] != (3, 3):
+        raise ValueError(f"frames must have shape (N, 3, 3), got {tuple(frames.shape)}")
+    a = _as_float64(angles, "angles").reshape(-1)
+    if a.shape[0] != frames.shape[0]:
+        raise ValueError(f"angles must have one entry per frame: got {a.shape[0]} for {frames.shape[0]} frames")
+    c, s = torch.cos(a)[:, None], torch.sin(a)[:, None]
+    u, v, n = frames[:, 0], frames[:, 1], frames[:, 2]
+    return torch.stack([c * u + s * v, -s * u + c * v, n], dim=1)
+
+
+@dataclass(frozen=True)
+class ShiftedGeometry(Geometry):
+    """A :class:`Geometry` whose stack of direction ``n`` is moved along its normal by ``shifts[n]`` mm.
+
+    Slice ``k`` of direction ``n`` lies at offset ``shifts[n] + (k - (S-1)/2) Δs`` (``offsets`` stays the
+    unshifted ``(S,)`` grid); its in-plane centre is the projection of the volume centre onto the plane.
+    The training sampler uses it with ``S = 1`` to cut one slice per direction at a random offset, so a
+    whole batch of independent random slices is one ``slice_volume`` call. Built by :func:`shift_offsets`.
+
+    Attributes (besides :class:`Geometry`'s):
+        shifts: ``(N,)`` float64 offsets (mm) along each direction's normal.
+    """
+
+    shifts: Optional[torch.Tensor] = None
+
+    def slice_maps(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        M = super().slice_maps()
+        P, _ = self._index_from_physical()
+        # A physical translation shifts[n] * n moves every pixel's volume index by P @ (shifts[n] * n).
+        M[:, :, 3] += (self.frames[:, 2] * self.shifts[:, None]) @ P.T
+        return M.to(dtype=dtype, device=device)
+
+    def volume_maps(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        V = super().volume_maps()
+        # Row 0 is the continuous slice index (x·n - shift)/Δs + (S-1)/2; in-plane rows are unaffected
+        # because the shift is along the normal.
+        V[:, 0, 3] -= self.shifts / self.slice_spacing
+        return V.to(dtype=dtype, device=device)
+
+    def with_directions(self, index) -> "ShiftedGeometry":
+        return ShiftedGeometry(self.volume_shape, self.spacing, self.frames[index], self.weights[index],
+                               self.n_slices, self.height, self.width, self.pixel_spacing,
+                               self.slice_spacing, self.shifts[index])
+
+
+def shift_offsets(geometry: Geometry, shifts) -> ShiftedGeometry:
+    """``geometry`` with the stack of direction ``n`` moved by ``shifts[n]`` mm along its normal.
+
+    Args:
+        geometry: any :class:`Geometry` (a :class:`ShiftedGeometry`'s shifts are added to).
+        shifts: ``(N,)`` offsets in mm, one per direction.
+    """
+    s = _as_float64(shifts, "shifts").reshape(-1)
+    if s.shape[0] != geometry.n_directions:
+        raise ValueError(f"shifts must have one entry per direction: got {s.shape[0]} for "
+                         f"{geometry.n_directions} directions")
+    if isinstance(geometry, ShiftedGeometry):
+        s = s + geometry.shifts
+    return ShiftedGeometry(geometry.volume_shape, geometry.spacing, geometry.frames, geometry.weights,
+                           geometry.n_slices, geometry.height, geometry.width, geometry.pixel_spacing,
+                           geometry.slice_spacing, s)
+
+
+__all__ += ["rotate_frames_in_plane", "ShiftedGeometry", "shift_offsets"]

@@ -1,0 +1,383 @@
+"""The ``tonno-fast`` command line: heatmaps of NIfTI scans, the demo, and an operator benchmark.
+
+    tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt
+    tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.models:make_net --weights net.pt \\
+        --method tomographic-cam --target-layer features.3 --png overlay.png
+    tonno-fast demo [--quick] [--out DIR]
+    tonno-fast bench
+
+Errors a user can cause (missing or unreadable file, a 2D image, an encoder that cannot be loaded, a bad
+option) print one line ``tonno-fast: error: ...`` on stderr and exit with status 2; nothing else prints a
+traceback unless ``--debug`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+__all__ = ["main", "build_parser", "load_encoder", "CLIError"]
+
+METHODS = ("tonno", "averaged-cam", "tomographic-cam")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- encoder loading
+def load_encoder(spec: str, weights: Optional[str] = None, device: str = "cpu"):
+    """Load a 2D encoder from ``spec``: a TorchScript file, or ``package.module:factory`` (a callable returning
+    an ``nn.Module``) plus an optional state-dict file ``weights``. Returns the module in eval mode on
+    ``device``. Raises :class:`CLIError` with one clear line when it cannot."""
+    import torch
+
+    path = Path(spec)
+    if ":" in spec and not path.exists():
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise CLIError(f"--encoder {spec!r}: expected package.module:factory")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise CLIError(f"--encoder {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+        factory = getattr(module, attr, None)
+        if factory is None or not callable(factory):
+            raise CLIError(f"--encoder {spec!r}: module {module_name!r} has no callable {attr!r}")
+        try:
+            model = factory()
+        except Exception as exc:
+            raise CLIError(f"--encoder {spec!r}: calling {attr}() failed ({type(exc).__name__}: {exc})") from None
+        if not isinstance(model, torch.nn.Module):
+            raise CLIError(f"--encoder {spec!r}: {attr}() returned {type(model).__name__}, expected a torch.nn.Module")
+        if weights is not None:
+            wp = Path(weights)
+            if not wp.is_file():
+                raise CLIError(f"--weights: no such file: {wp}")
+            try:
+                state = torch.load(str(wp), map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                    state = state["state_dict"]
+                model.load_state_dict(state)
+            except Exception as exc:
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CLIError(f"--weights {wp}: cannot load this state dict into {attr}(): {msg}") from None
+    else:
+        if weights is not None:
+            raise CLIError("--weights is only used with --encoder package.module:factory, not with a TorchScript file")
+        if not path.exists():
+            raise CLIError(f"--encoder: no such file: {path} (give a TorchScript file or package.module:factory)")
+        try:
+            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; still the format to load
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(path), map_location="cpu")
+        except Exception:
+            raise CLIError(f"--encoder {path}: not a TorchScript file (save one with "
+                           f"torch.jit.script(model).save(path), or use --encoder package.module:factory "
+                           f"--weights state.pt)") from None
+    model.eval()
+    return model.to(device)
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return name
+
+
+def _single_score(encoder, class_index: Optional[int]) -> Callable:
+    """Wrap ``encoder`` so it returns one score per slice: column ``class_index`` of a multi-output model."""
+    def score(x):
+        out = encoder(x)
+        if out.ndim == 2 and out.shape[1] > 1:
+            if class_index is None:
+                raise CLIError(f"the encoder returns {out.shape[1]} scores per slice; choose one with --class-index")
+            if not 0 <= class_index < out.shape[1]:
+                raise CLIError(f"--class-index {class_index} is out of range for {out.shape[1]} scores")
+            return out[:, class_index]
+        if class_index not in (None, 0):
+            raise CLIError(f"--class-index {class_index}: the encoder returns a single score per slice")
+        return out.reshape(out.shape[0], -1)[:, 0] if out.ndim == 2 else out
+    return score
+
+
+# ------------------------------------------------------------------------------------------------- subcommands
+def cmd_heatmap(args) -> int:
+    import torch
+
+    from .io import load_nifti, save_nifti
+
+    out = Path(args.output)
+    if not (out.name.lower().endswith(".nii") or out.name.lower().endswith(".nii.gz")):
+        raise CLIError(f"--output {out}: must end in .nii or .nii.gz")
+    if args.png is not None and not str(args.png).lower().endswith(".png"):
+        raise CLIError(f"--png {args.png}: must end in .png")
+    if args.directions < 1:
+        raise CLIError(f"--directions must be a positive integer, got {args.directions}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.method != "tonno" and args.target_layer is None:
+        raise CLIError(f"--method {args.method} needs --target-layer (the name of a conv layer, e.g. features.3; "
+                       f"see model.named_modules())")
+    try:
+        scan = load_nifti(args.input)
+    except FileNotFoundError:
+        raise CLIError(f"--input: no such file: {args.input}") from None
+    except ValueError as exc:
+        raise CLIError(f"--input: {exc}") from None
+    if min(scan.data.shape) < 2:
+        raise CLIError(f"--input {args.input}: a 3D volume is needed, got shape {tuple(scan.data.shape)} "
+                       f"(a 2D image or a single slice)")
+    device = _resolve_device(args.device)
+    model = load_encoder(args.encoder, args.weights, device)
+    volume = scan.data.to(device)
+    common = dict(n_directions=args.directions, spacing=scan.spacing, batch_size=args.batch_size,
+                  progress=not args.quiet)
+    if args.slice_size is not None:
+        common["slice_size"] = args.slice_size
+    if args.pixel_spacing is not None:
+        common["pixel_spacing"] = args.pixel_spacing
+    t0 = time.perf_counter()
+    if args.method == "tonno":
+        from .pipeline import tomographic_heatmap
+        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter, **common)
+    else:
+        heat = _cam_heatmap(args, model, volume, common)
+    heat = heat.reshape(heat.shape[-3:]) if heat.ndim > 3 and heat.numel() == heat.shape[-3:].numel() else heat
+    if heat.ndim != 3:
+        raise CLIError(f"the method returned a heatmap of shape {tuple(heat.shape)}; expected one 3D map "
+                       f"(use --class-index for a multi-output encoder)")
+    save_nifti(out, heat.float().cpu(), scan.affine, header=scan.header)
+    msg = f"wrote {out} ({args.method}, {args.directions} directions, {time.perf_counter() - t0:.1f} s)"
+    if args.png is not None:
+        from .viz import overlay_png
+        overlay_png(args.png, scan.data, {args.method: heat.cpu()}, spacing=scan.spacing,
+                    title=f"{Path(args.input).name}: {args.method}")
+        msg += f" and {args.png}"
+    if not args.quiet:
+        print(msg)
+    return 0
+
+
+def _cam_heatmap(args, model, volume, common):
+    """Averaged / Tomographic CAM through the library's CAM functions (tonno_fast.cam)."""
+    import torch
+
+    try:
+        import tonno_fast as tf
+        fn = tf.averaged_cam if args.method == "averaged-cam" else tf.tomographic_cam
+    except AttributeError:
+        raise CLIError(f"--method {args.method} is not available in this installation of tonno_fast") from None
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CLIError(f"--method {args.method} needs gradients through a named layer, which a TorchScript file "
+                       f"cannot give; use --encoder package.module:factory --weights state.pt")
+    names = dict(model.named_modules())
+    if args.target_layer not in names:
+        some = ", ".join(n for n in list(names)[1:12])
+        raise CLIError(f"--target-layer {args.target_layer!r} is not a layer of the encoder (layers: {some}, ...)")
+    kwargs = dict(common)
+    kwargs.pop("progress", None)
+    if args.cam is not None:
+        kwargs["method"] = args.cam
+    return fn(volume, model, target_layers=[names[args.target_layer]], targets=args.class_index,
+              progress=not args.quiet, **kwargs)
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import main as demo_main
+
+    argv: List[str] = ["--out", str(args.out)]
+    if args.quick:
+        argv.append("--quick")
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    return demo_main(argv)
+
+
+def _median_time(fn: Callable, repeats: int, sync: Callable) -> float:
+    fn()
+    sync()  # warm-up (allocations, lazy initialisation, kernel compilation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import ops
+    from .backends import backends
+    from .geometry import make_geometry
+
+    device = _resolve_device(args.device)
+    avail = [name for name, state in backends().items() if state == "available"]
+    if device == "cpu":
+        usable = [b for b in avail if b in ("reference", "cpu")]
+    else:
+        usable = [b for b in avail if b in ("reference", "cuda", "triton")]
+    n = args.size
+    if n < 4:
+        raise CLIError(f"--size must be at least 4, got {n}")
+    g = torch.Generator().manual_seed(0)
+    vol = torch.rand(1, 1, n, n, n, generator=g).to(device)
+    geom = make_geometry((n, n, n), n_directions=args.directions)
+    N, S, h, w = geom.n_directions, geom.n_slices, geom.height, geom.width
+    sino = torch.rand(1, 1, N, S, generator=g).to(device)
+    stacks = torch.rand(1, 1, N, S, h, w, generator=g).to(device)
+    theta = torch.eye(3, 4).repeat(4, 1, 1)
+    theta[:, :3, :3] += 0.1 * torch.randn(4, 3, 3, generator=g)
+    theta = theta.to(device)
+    vol4 = vol.expand(4, 1, n, n, n).contiguous()
+    samples = N * S * h * w
+    cases = [
+        ("slice_volume", lambda be: ops.slice_volume(vol, geom, backend=be), samples, "samples"),
+        ("radon", lambda be: ops.radon(vol, geom, backend=be), samples, "samples"),
+        ("backproject", lambda be: ops.backproject(sino, geom, backend=be), N * n ** 3, "updates"),
+        ("backproject_slices", lambda be: ops.backproject_slices(stacks, geom, backend=be), N * n ** 3, "updates"),
+        ("affine_grid_sample", lambda be: ops.affine_grid_sample(vol4, theta, [4, 1, n, n, n], backend=be),
+         4 * n ** 3, "samples"),
+    ]
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    print(f"tonno-fast bench on {device} ({torch.get_num_threads()} threads): volume {n}³, {N} directions, "
+          f"{S} slices of {h}×{w}; median of {args.repeats} runs (time.perf_counter)")
+    print(f"backends: {', '.join(usable)}" + (f" (unavailable here: {', '.join(sorted(set(backends()) - set(avail)))})"
+                                            if set(backends()) - set(avail) else ""))
+    print()
+    print(f"| {'op':<20} | {'backend':<9} | {'median ms':>10} | {'throughput':>19} | {'vs reference':>12} |")
+    print(f"|{'-' * 22}|{'-' * 11}|{'-' * 12}|{'-' * 21}|{'-' * 14}|")
+    for name, fn, work, unit in cases:
+        ref = None
+        for be in usable:
+            try:
+                t = _median_time(lambda: fn(be), args.repeats, sync)
+            except Exception as exc:  # one failing backend must not hide the others
+                print(f"| {name:<20} | {be:<9} | {'failed':>10} | {type(exc).__name__:>19} | {'':>12} |")
+                continue
+            if be == "reference":
+                ref = t
+            speed = f"{ref / t:.1f}x" if ref is not None and be != "reference" else ("1.0x" if be == "reference" else "-")
+            rate = f"{work / t / 1e9:.3f} G {unit}/s"
+            print(f"| {name:<20} | {be:<9} | {t * 1e3:>10.2f} | {rate:>19} | {speed:>12} |")
+    sys.stdout.flush()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tonno-fast",
+        description="ToNNO: turn a 2D image classifier into a 3D heatmap. Slices the scan at many orientations, "
+                    "scores every slice with the 2D encoder and inverts the 3D Radon transform of the scores.",
+        epilog="Run 'tonno-fast COMMAND --help' for the options of each command.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    h = sub.add_parser(
+        "heatmap", help="compute a 3D heatmap of a NIfTI scan with a 2D encoder",
+        description="Compute a 3D heatmap of a NIfTI scan (.nii/.nii.gz) with a 2D encoder and save it as NIfTI "
+                    "with the scan's affine, so it overlays the scan in any viewer.",
+        epilog="Examples:\n"
+               "  tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt\n"
+               "  tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.nets:make_net "
+               "--weights net.pt --method tomographic-cam --target-layer features.3 --png overlay.png\n\n"
+               "The encoder gets (M, C, h, w) slices of the scan (C = the scan's channels, usually 1) with the "
+               "scan's intensities, and must return one score (logit) per slice, or several with --class-index.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    h.add_argument("-i", "--input", required=True, metavar="SCAN", help="input scan, .nii or .nii.gz (3D)")
+    h.add_argument("-o", "--output", required=True, metavar="HEATMAP", help="output heatmap, .nii or .nii.gz")
+    h.add_argument("--encoder", required=True, metavar="MODEL",
+                   help="a TorchScript file (torch.jit.script(model).save('model.pt')), or "
+                        "package.module:factory, a function that builds the nn.Module (use with --weights)")
+    h.add_argument("--weights", metavar="STATE", help="state-dict file (torch.save(model.state_dict(), ...)) "
+                   "loaded into the module built by package.module:factory")
+    h.add_argument("--method", choices=METHODS, default="tonno",
+                   help="tonno: reconstruct the per-slice scores (default, works with any encoder); "
+                        "averaged-cam / tomographic-cam: backproject per-slice 2D GradCAMs (needs --target-layer "
+                        "and a package.module:factory encoder)")
+    h.add_argument("--target-layer", metavar="NAME", help="layer whose activations make the CAMs, as named by "
+                   "model.named_modules() (e.g. features.3 or layer4)")
+    h.add_argument("--cam", choices=("gradcam", "layercam"),
+                   help="2D CAM used by the CAM methods (default: gradcam for averaged-cam, layercam for "
+                        "tomographic-cam)")
+    h.add_argument("--class-index", type=int, metavar="K", help="which output of a multi-output encoder to map")
+    h.add_argument("--directions", type=int, default=64, metavar="N",
+                   help="number of slicing orientations (default 64; more is sharper and slower)")
+    h.add_argument("--slice-size", type=int, metavar="PX",
+                   help="slice size in pixels, the encoder's input size (default: covers the whole scan at its "
+                        "finest voxel spacing)")
+    h.add_argument("--pixel-spacing", type=float, metavar="MM", help="in-plane pixel spacing of the slices in mm "
+                   "(default: the scan's finest spacing, or what makes --slice-size cover the scan)")
+    h.add_argument("--filter", default="ramp2", choices=("ramp2", "laplacian", "ramp", "none"),
+                   help="reconstruction filter for tonno (default ramp2, the exact 3D inverse)")
+    h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (default auto: the GPU when there is one)")
+    h.add_argument("--batch-size", type=int, default=256, metavar="M", help="slices per encoder call (default 256)")
+    h.add_argument("--png", metavar="FILE", help="also write an overlay picture (three orthogonal views)")
+    h.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    h.set_defaults(func=cmd_heatmap)
+
+    d = sub.add_parser(
+        "demo", help="train an encoder on synthetic brain scans from volume labels only and compare heatmaps",
+        description="The weakly-supervised demo: subjects made from the MNI152 template bundled with nilearn "
+                    "(half with synthetic lesions), a small 2D CNN trained on random oblique slices with volume "
+                    "labels only, then ToNNO, Averaged/Tomographic CAM and slice-wise 2D CAMs on held-out "
+                    "subjects, scored with Dice. Writes NIfTI heatmaps, PNG overlays and results.md/json.")
+    d.add_argument("--quick", action="store_true", help="a tiny smoke version (under a minute)")
+    d.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default demo_output)")
+    d.add_argument("--seed", type=int, help="random seed (default 0)")
+    d.add_argument("--threads", type=int, metavar="T", help="CPU threads (default 1: reproducible, and fastest on "
+                   "a busy 2-core machine)")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time every operator on each available backend against the reference",
+                       description="Print a throughput table: each operator on every available backend against "
+                                   "the plain-PyTorch reference, median wall time of several runs.")
+    b.add_argument("--size", type=int, default=48, metavar="N", help="volume size N³ (default 48)")
+    b.add_argument("--directions", type=int, default=16, metavar="N", help="slicing orientations (default 16)")
+    b.add_argument("--repeats", type=int, default=5, metavar="R", help="timed runs per case (default 5)")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``tonno-fast`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"tonno-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tonno-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for a user; --debug shows it
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"tonno-fast: error: {type(exc).__name__}: {text[0] if text else ''} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

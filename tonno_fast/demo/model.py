@@ -1,0 +1,63 @@
+"""The demo's 2D encoder: a small CNN that scores one slice (one logit: "this slice's volume has a lesion").
+
+Four 3×3 conv blocks (conv → BatchNorm → ReLU, max-pooling after the first two), a 1×1 conv that makes a
+score map at 1/4 of the input resolution, and log-sum-exp pooling of that map,
+``(1/r) log mean exp(r · map)`` with ``r = 10``: close to the maximum when one region lights up, close to the
+mean when nothing does, and still growing with the area that lights up (ToNNO wants a score that grows with
+what the plane cuts through). The CAM layer is ``features.3`` (16×16 for 64×64 slices).
+
+Why not global average pooling: a lesion covers ~1–3% of a slice, so its features are diluted by the
+anatomy around it. Measured on the demo's data (3 mm, lesion radius 12–18 mm, 100 steps of 64 slices):
+average pooling stayed at a held-out AUC of 0.27–0.85 for lesion-crossing slices against lesion-free ones,
+swinging between steps, while log-sum-exp pooling reached 0.98–1.00 and stayed there.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SliceCNN", "make_encoder", "TARGET_LAYER"]
+
+TARGET_LAYER = "features.3"
+
+
+def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class SliceCNN(nn.Module):
+    """``(M, in_channels, h, w)`` slices → ``(M, 1)`` logits.
+
+    Args:
+        in_channels: slice channels.
+        widths: channels of the four conv blocks.
+        sharpness: ``r`` of the log-sum-exp pooling (``r → ∞``: max pooling; ``r → 0``: average pooling).
+    """
+
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 64), sharpness: float = 10.0):
+        super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"widths must give the channels of 4 blocks, got {tuple(widths)}")
+        if not sharpness > 0:
+            raise ValueError(f"sharpness must be positive, got {sharpness!r}")
+        w = [int(in_channels)] + [int(c) for c in widths]
+        self.features = nn.Sequential(*[_block(w[i], w[i + 1], pool=i < 2) for i in range(4)])
+        self.score = nn.Conv2d(w[-1], 1, 1)
+        self.sharpness = float(sharpness)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.score(self.features(x)).flatten(1)  # (M, h/4 · w/4) per-position logits
+        r = self.sharpness
+        pooled = (torch.logsumexp(r * m, dim=1) - math.log(m.shape[1])) / r
+        return pooled[:, None]
+
+
+def make_encoder() -> SliceCNN:
+    """Factory for ``tonno-fast heatmap --encoder tonno_fast.demo.model:make_encoder --weights encoder.pt``."""
+    return SliceCNN()
