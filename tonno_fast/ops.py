@@ -6,6 +6,7 @@ tensor input and differentiable; on the compiled backends, backward is the exact
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .backends import get_backend
 from .filters import apply_filter, reconstruction_scale
 from .geometry import Geometry
-from .validation import check_volume5d, compute_dtype
+from .validation import check_float_tensor, check_nonempty, check_same_device, check_volume5d, finite_float
 
 __all__ = ["slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample",
            "filtered_backprojection"]
@@ -23,10 +24,15 @@ def slice_volume(volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0,
                  out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
     """Oblique slices of ``volume`` ``(B, C, D, H, W)`` (z, y, x) → ``(B, N, S, C, h, w)``.
 
-    Trilinear sampling at the pixel positions of ``geometry`` (mm); points outside read ``fill``.
-    ``out_dtype`` (e.g. ``torch.bfloat16``) is the dtype the slices are written in.
+    Trilinear sampling at the pixel positions of ``geometry`` (mm); points outside read ``fill`` (a finite
+    number). ``out_dtype`` (``torch.float32``, ``float64``, ``float16`` or ``bfloat16``; default the volume's
+    dtype) is the dtype the slices are written in.
     """
+    _check_geometry(geometry)
     check_volume5d(volume, "volume", geometry.volume_shape)
+    fill = finite_float(fill, "fill")
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of {_OUT_DTYPES}, got {out_dtype!r}")
     be = get_backend(backend, volume.device)
     maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
     return be.slice_volume(volume, maps, geometry.n_slices, geometry.height, geometry.width, float(fill),
@@ -35,6 +41,7 @@ def slice_volume(volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0,
 
 def radon(volume: torch.Tensor, geometry: Geometry, *, backend: str = "auto") -> torch.Tensor:
     """Plane integrals ``Σ_ij f(p_ij) δ²`` of ``volume`` ``(B, C, D, H, W)`` → sinogram ``(B, C, N, S)``."""
+    _check_geometry(geometry)
     check_volume5d(volume, "volume", geometry.volume_shape)
     be = get_backend(backend, volume.device)
     maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
@@ -51,7 +58,7 @@ def backproject(sinogram: torch.Tensor, geometry: Geometry, *, weights: Optional
     _check_sinogram(sinogram, geometry)
     be = get_backend(backend, sinogram.device)
     maps = geometry.volume_maps(dtype=sinogram.dtype, device=sinogram.device)
-    w = (geometry.weights if weights is None else weights).to(device=sinogram.device, dtype=sinogram.dtype)
+    w = _weights(weights, geometry, sinogram, "sinogram")
     return be.backproject(sinogram, maps, w, geometry.volume_shape)
 
 
@@ -61,15 +68,18 @@ def backproject_slices(stacks: torch.Tensor, geometry: Geometry, *, weights: Opt
 
     ``stacks`` ``(B, K, N, S, h, w)`` → volume ``(B, K, D, H, W)``.
     """
+    _check_geometry(geometry)
+    check_float_tensor(stacks, "stacks", "(B, K, N, S, h, w)")
     if stacks.ndim != 6:
         raise ValueError(f"stacks must have shape (B, K, N, S, h, w), got {tuple(stacks.shape)}")
     expect = (geometry.n_directions, geometry.n_slices, geometry.height, geometry.width)
     if tuple(stacks.shape[2:]) != expect:
         raise ValueError(f"stacks must have (N, S, h, w) = {expect} for this geometry, "
                          f"got {tuple(stacks.shape[2:])}")
+    check_nonempty(stacks, "stacks")
     be = get_backend(backend, stacks.device)
     maps = geometry.volume_maps(dtype=stacks.dtype, device=stacks.device)
-    w = (geometry.weights if weights is None else weights).to(device=stacks.device, dtype=stacks.dtype)
+    w = _weights(weights, geometry, stacks, "stacks")
     return be.backproject_slices(stacks, maps, w, geometry.volume_shape)
 
 
@@ -78,15 +88,32 @@ def affine_grid_sample(volume: torch.Tensor, theta: torch.Tensor, size: Sequence
     """Drop-in for ``F.grid_sample(volume, F.affine_grid(theta, size, align_corners), mode="bilinear",
     padding_mode="zeros", align_corners=align_corners)`` with 5-D ``volume`` ``(N, C, D, H, W)`` and
     ``theta`` ``(N, 3, 4)``, without materialising the grid."""
+    check_float_tensor(volume, "volume", "(N, C, D, H, W)")
     if volume.ndim != 5:
         raise ValueError(f"volume must be 5-D (N, C, D, H, W), got shape {tuple(volume.shape)}")
+    check_nonempty(volume, "volume")
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"theta must be a torch.Tensor of shape (N, 3, 4), got {type(theta).__name__}")
     if theta.ndim != 3 or theta.shape[1:] != (3, 4) or theta.shape[0] != volume.shape[0]:
         raise ValueError(f"theta must have shape (N, 3, 4) with N = volume.shape[0] = {volume.shape[0]}, "
                          f"got {tuple(theta.shape)}")
-    if len(size) != 5 or int(size[0]) != volume.shape[0] or int(size[1]) != volume.shape[1]:
-        raise ValueError(f"size must be (N, C, D_out, H_out, W_out) matching volume's N and C, got {tuple(size)}")
+    # Same rule as F.grid_sample(volume, F.affine_grid(theta, ...)): no silent casts or copies between devices.
+    if theta.dtype != volume.dtype:
+        raise TypeError(f"theta must have the volume's dtype {volume.dtype}, got {theta.dtype}")
+    check_same_device(theta, "theta", volume, "volume")
+    try:
+        sizes = [operator.index(s) for s in size]  # ints only: 2.5 is refused, not truncated
+    except TypeError:
+        sizes = None
+    if sizes is None or len(sizes) != 5:
+        raise ValueError(f"size must be 5 integers (N, C, D_out, H_out, W_out), got {size!r}")
+    if sizes[0] != volume.shape[0] or sizes[1] != volume.shape[1] or min(sizes[2:]) < 1:
+        raise ValueError(f"size must be (N, C, D_out, H_out, W_out) with volume's N = {volume.shape[0]}, "
+                         f"C = {volume.shape[1]} and positive output sizes, got {tuple(sizes)}")
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
     be = get_backend(backend, volume.device)
-    return be.affine_grid_sample(volume, theta, [int(s) for s in size], bool(align_corners))
+    return be.affine_grid_sample(volume, theta, sizes, align_corners)
 
 
 def filtered_backprojection(sinogram: torch.Tensor, geometry: Geometry, *, filter: str = "ramp2",
@@ -101,12 +128,44 @@ def filtered_backprojection(sinogram: torch.Tensor, geometry: Geometry, *, filte
     return backproject(filtered, geometry, weights=scale, backend=backend)
 
 
+_OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_geometry(geometry) -> None:
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a tonno_fast.Geometry (see make_geometry), got {type(geometry).__name__}")
+
+
 def _check_sinogram(sinogram: torch.Tensor, geometry: Geometry) -> None:
-    if not isinstance(sinogram, torch.Tensor):
-        raise TypeError(f"sinogram must be a torch.Tensor, got {type(sinogram).__name__}")
+    _check_geometry(geometry)
+    check_float_tensor(sinogram, "sinogram", "(B, K, N, S)")
     if sinogram.ndim != 4:
         raise ValueError(f"sinogram must have shape (B, K, N, S), got {tuple(sinogram.shape)}")
     expect = (geometry.n_directions, geometry.n_slices)
     if tuple(sinogram.shape[2:]) != expect:
         raise ValueError(f"sinogram must have (N, S) = {expect} for this geometry, got {tuple(sinogram.shape[2:])}")
-    compute_dtype(sinogram, "sinogram")
+    check_nonempty(sinogram, "sinogram")
+
+
+def _weights(weights, geometry: Geometry, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Per-direction weights ``(N,)`` in ``like``'s dtype and on its device.
+
+    ``None`` means the geometry's quadrature weights. A tensor may live on the CPU (it is small and copied,
+    as the filters' reconstruction scale is) or on ``like``'s device; any other device is refused.
+    """
+    if weights is None:
+        return geometry.weights.to(device=like.device, dtype=like.dtype)
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.dtype == torch.bool or weights.is_complex():
+        raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}")
+    if weights.ndim != 1 or weights.shape[0] != geometry.n_directions:
+        raise ValueError(f"weights must have shape (N,) = ({geometry.n_directions},), one per direction, "
+                         f"got {tuple(weights.shape)}")
+    if weights.device.type != "cpu" and weights.device != like.device:
+        raise ValueError(f"weights is on {weights.device} but {like_name} is on {like.device}; "
+                         f"pass CPU weights or weights on {like.device}")
+    w = weights.to(device=like.device, dtype=like.dtype)
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        raise ValueError("weights must be finite, got NaN or inf")
+    return w

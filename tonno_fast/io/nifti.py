@@ -60,31 +60,54 @@ def load_nifti(path: PathLike, *, volume_index: Optional[int] = None) -> NiftiVo
     if data.ndim == 4:
         if volume_index is None:
             raise ValueError(f"{p} is a 4D NIfTI with {data.shape[3]} volumes; choose one with volume_index")
+        if isinstance(volume_index, bool) or not isinstance(volume_index, (int, np.integer)):
+            raise TypeError(f"volume_index must be an integer, got {type(volume_index).__name__}")
         if not 0 <= volume_index < data.shape[3]:
             raise ValueError(f"volume_index must be in [0, {data.shape[3]}), got {volume_index}")
         data = data[..., volume_index]
     if data.ndim != 3:
         raise ValueError(f"{p} holds a {data.ndim}D image with shape {data.shape}; a 3D volume is needed")
     affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(affine, f"the affine of {p}")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # along voxel axes i, j, k
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
     tensor = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))
     return NiftiVolume(tensor, spacing, affine, img.header)
 
 
+def _check_affine(affine: np.ndarray, name: str) -> None:
+    """A usable voxel→world matrix: 4x4, finite, with an invertible 3x3 part (non-zero voxel sizes)."""
+    if affine.shape != (4, 4):
+        raise ValueError(f"{name} must be 4x4, got {affine.shape}")
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf entries")
+    # |det| / Π column norms is 1 for orthogonal voxel axes and 0 for a zero or repeated axis; scale-free, so
+    # micrometre voxels given in mm pass.
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if (norms == 0).any() or abs(np.linalg.det(affine[:3, :3])) / norms.prod() < 1e-6:
+        raise ValueError(f"{name} must be invertible (non-zero voxel sizes), got a singular 3x3 part "
+                         f"{affine[:3, :3].tolist()}")
+
+
 def save_nifti(path: PathLike, heatmap, affine: np.ndarray, *, header=None) -> Path:
-    """Write a ``(D, H, W)`` heatmap as float32 NIfTI with ``affine`` (the source scan's), atomically."""
+    """Write a ``(D, H, W)`` heatmap as float32 NIfTI with ``affine`` (the source scan's), atomically.
+
+    The image goes to a temporary file in the target folder, is flushed to disk and then renamed over
+    ``path`` (``os.replace``, atomic on POSIX and Windows): an interruption at any point (Ctrl-C, an error,
+    a crash) leaves either the previous file or no file, never a partial one. The result gets the usual
+    permissions (``0o666`` minus the umask), not the private ``0o600`` of a temporary file.
+    """
     import nibabel as nib
 
     p = Path(path)
     if not _is_nifti_name(p):
         raise ValueError(f"output {p} must end in .nii or .nii.gz")
-    arr = heatmap.detach().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    # float() first: numpy has no bfloat16.
+    arr = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
     if arr.ndim != 3:
         raise ValueError(f"heatmap must be 3D (D, H, W), got shape {arr.shape}")
     affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, got {affine.shape}")
+    _check_affine(affine, "affine")
     img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32), affine)
     img.header.set_data_dtype(np.float32)
     img.header.set_xyzt_units("mm")
@@ -102,9 +125,27 @@ def save_nifti(path: PathLike, heatmap, affine: np.ndarray, *, header=None) -> P
     os.close(fd)
     try:
         nib.save(img, tmp)
+        with open(tmp, "rb+") as fh:  # on disk before the rename, so a power cut cannot expose a partial file
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux (no side effect), else by setting and restoring it (which another
+    thread creating a file in that instant could notice)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
