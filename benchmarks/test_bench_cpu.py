@@ -16,10 +16,10 @@ import math
 import pytest
 import torch
 
-from tonno_fast.backends import reference
+from tonno_fast.backend import reference
 from tonno_fast.geometry import make_geometry
 
-native = pytest.importorskip("tonno_fast.backends.native")
+native = pytest.importorskip("tonno_fast.backend.native")
 if native.unavailable_reason("cpu") is not None:
     pytest.skip(f"compiled CPU kernels unavailable: {native.unavailable_reason('cpu')}", allow_module_level=True)
 

@@ -1,6 +1,6 @@
 """The compiled CPU kernels (``torch.ops.tonno_fast.*`` from ``tonno_fast._C``) against the reference backend.
 
-Every op equals :mod:`tonno_fast.backends.reference` (float64 to 1e-10 and float32 to 1e-5, relative to the
+Every op equals :mod:`tonno_fast.backend.reference` (float64 to 1e-10 and float32 to 1e-5, relative to the
 largest absolute value); every backward is the exact adjoint of its forward (dot-product test); gradients
 pass ``gradcheck``; every op passes ``torch.library.opcheck``; backward kernels are bitwise deterministic
 across runs and thread counts; bad inputs give a RuntimeError naming the argument.
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tonno_fast.backends import reference as ref
+from tonno_fast.backend import reference as ref
 from tonno_fast.geometry import fibonacci_directions, make_geometry
 
-native = pytest.importorskip("tonno_fast.backends.native")
+native = pytest.importorskip("tonno_fast.backend.native")
 if native.unavailable_reason("cpu") is not None:
     pytest.skip(f"compiled CPU kernels unavailable: {native.unavailable_reason('cpu')}", allow_module_level=True)
 
@@ -159,7 +159,7 @@ def test_affine_grid_sample_size_one_input():
 def test_ops_module_uses_cpu_backend(geom):
     """The geometry-level API with backend="cpu" and "auto" reaches the compiled kernels."""
     import tonno_fast
-    from tonno_fast.backends import get_backend
+    from tonno_fast.backend import get_backend
 
     assert get_backend("auto", torch.device("cpu")) is native
     assert tonno_fast.backends()["cpu"] == "available"

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from tonno_fast.backends import reference as R
+from tonno_fast.backend import reference as R
 from tonno_fast.geometry import make_geometry
 
 OPS = ("slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample")
@@ -125,7 +125,7 @@ def _dot(a, b):
 
 def _native():
     """The compiled backend module (fake kernels + autograd registration); skip when it cannot load."""
-    from tonno_fast.backends import BackendUnavailable, get_backend
+    from tonno_fast.backend import BackendUnavailable, get_backend
 
     try:
         return get_backend("cuda", torch.device(DEV))
@@ -313,7 +313,7 @@ class TestOnGPU:
         assert gv_none.numel() == 0
         torch.testing.assert_close(gt_only, gt, rtol=0, atol=0)
 
-    # ---- autograd through the registered ops (tonno_fast.backends.native) -------------------------------
+    # ---- autograd through the registered ops (tonno_fast.backend.native) -------------------------------
 
     def test_gradcheck(self):
         be = _native()

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import tonno_fast
 from tonno_fast import ops
-from tonno_fast.backends import reference
+from tonno_fast.backend import reference
 from tonno_fast.geometry import make_geometry
 
 N_EXAMPLES = int(os.environ.get("TONNO_FUZZ_EXAMPLES", "20"))

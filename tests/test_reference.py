@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from tonno_fast.backends import reference as R
+from tonno_fast.backend import reference as R
 from tonno_fast.filters import apply_filter, reconstruction_scale
 
 

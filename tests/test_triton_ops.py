@@ -16,11 +16,11 @@ import torch
 pytest.importorskip("triton")
 
 import tonno_fast as tf  # noqa: E402
-from tonno_fast.backends import get_backend  # noqa: E402
-from tonno_fast.backends import reference as R  # noqa: E402
+from tonno_fast.backend import get_backend  # noqa: E402
+from tonno_fast.backend import reference as R  # noqa: E402
 from tonno_fast.filters import apply_filter  # noqa: E402
 
-TB = importlib.import_module("tonno_fast.backends.triton")
+TB = importlib.import_module("tonno_fast.backend.triton")
 
 pytestmark = [
     pytest.mark.triton,
@@ -75,7 +75,7 @@ def test_import_never_fails_without_triton():
     # backend reports why it is unavailable.
     code = ("import sys, importlib; sys.modules['triton'] = None\n"
             "import tonno_fast\n"
-            "m = importlib.import_module('tonno_fast.backends.triton')\n"
+            "m = importlib.import_module('tonno_fast.backend.triton')\n"
             "r = m.unavailable_reason('triton'); assert r and 'triton' in r, r\n"
             "assert 'triton' in tonno_fast.backends()['triton']\n"
             "print('ok')\n")

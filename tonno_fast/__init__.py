@@ -4,7 +4,7 @@ Turn a 2D image encoder into a 3D heatmap: slice the volume at many orientations
 invert the 3D Radon transform of the scores. See DESIGN.md for the maths and conventions:
 volumes are ``(B, C, D, H, W)`` with axes z, y, x and spacing in mm.
 """
-from .backends import backends, BackendUnavailable
+from .backend import backends, BackendUnavailable
 from .filters import apply_filter
 from .geometry import Geometry, fibonacci_directions, make_geometry, parse_directions
 from .io import load_nifti, save_nifti

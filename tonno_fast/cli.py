@@ -221,7 +221,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import ops
-    from .backends import backends
+    from .backend import backends
     from .geometry import make_geometry
 
     device = _resolve_device(args.device)

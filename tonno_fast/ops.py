@@ -1,7 +1,7 @@
 """Geometry-level operators: the five ops of DESIGN.md §4 called with a :class:`~tonno_fast.geometry.Geometry`.
 
 These are the functions other ToNNO code swaps in. They turn the geometry into index-space maps (the
-only place that does) and dispatch to a backend (:mod:`tonno_fast.backends`). All are linear in their
+only place that does) and dispatch to a backend (:mod:`tonno_fast.backend`). All are linear in their
 tensor input and differentiable; on the compiled backends, backward is the exact adjoint kernel.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import get_backend
+from .backend import get_backend
 from .filters import apply_filter, reconstruction_scale
 from .geometry import Geometry
 from .validation import check_float_tensor, check_nonempty, check_same_device, check_volume5d, finite_float

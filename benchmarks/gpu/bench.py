@@ -165,7 +165,7 @@ class Timer:
 
 def available(device: torch.device, wanted: Optional[List[str]]) -> Dict[str, object]:
     """Backend modules to time: ``reference`` always; ``cuda``/``triton`` (GPU) or ``cpu`` when available."""
-    from tonno_fast.backends import backends as status, get_backend
+    from tonno_fast.backend import backends as status, get_backend
 
     names = ["reference"] + (["cuda", "triton"] if device.type == "cuda" else ["cpu"])
     if wanted:

@@ -2,8 +2,8 @@
 // tonno_fast._C, which reports what the extension was built with.
 //
 // Kernels register themselves for their dispatch key in csrc/ops/cpu/*.cpp (CPU) and csrc/ops/cuda/*.cu
-// (CUDA). Fake (meta) kernels and autograd are registered from Python in tonno_fast/backends/native.py,
-// as in pytorch/extension-cpp. Shapes: see DESIGN.md section 4 and tonno_fast/backends/reference.py.
+// (CUDA). Fake (meta) kernels and autograd are registered from Python in tonno_fast/backend/native.py,
+// as in pytorch/extension-cpp. Shapes: see DESIGN.md section 4 and tonno_fast/backend/reference.py.
 #include <torch/extension.h>
 #include <torch/version.h>
 

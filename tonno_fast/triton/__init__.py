@@ -14,10 +14,10 @@ block sizes, and the ``torch.library`` registration (namespace ``tonno_fast_trit
 The per-point maths (affine maps, NaN-safe linear taps, trilinear gathers/scatters) is in :mod:`._common`,
 the Triton twin of ``csrc/include/tonno_fast/maths.h``. On a GPU the kernels compile; on a CPU they run
 under ``TRITON_INTERPRET=1`` (which must be set before ``triton`` is first imported). Importing this package
-requires a working ``triton``; :mod:`tonno_fast.backends.triton` is the import-safe entry point.
+requires a working ``triton``; :mod:`tonno_fast.backend.triton` is the import-safe entry point.
 """
 # Submodules are imported for their registrations; the functions live in them (``slice_volume.slice_volume``,
-# ...) and in :mod:`tonno_fast.backends.triton`. They are deliberately not re-exported here under the
+# ...) and in :mod:`tonno_fast.backend.triton`. They are deliberately not re-exported here under the
 # submodules' own names, which would shadow the modules (``import tonno_fast.triton.radon as m`` would then
 # give the function).
 from . import affine_grid_sample, backproject, backproject_slices, radon, slice_volume  # noqa: F401

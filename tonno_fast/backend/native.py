@@ -11,7 +11,7 @@ pytorch/extension-cpp, everything that lives on the Python side of a custom op:
   the adjoint), so double backward works too. Only the main tensor input is differentiable, plus ``theta``
   of ``affine_grid_sample``; ``maps`` and ``weights`` are geometry and asking for their gradient is an error.
 
-The five functions below have the signatures of :mod:`tonno_fast.backends.reference` (see its docstring
+The five functions below have the signatures of :mod:`tonno_fast.backend.reference` (see its docstring
 for the exact definitions, shapes and axis orders) and dispatch on the tensors' device: the same module
 serves backend ``"cpu"`` and ``"cuda"``.
 

@@ -1,6 +1,6 @@
 """The ``triton`` backend: the five operators as Triton kernels (:mod:`tonno_fast.triton`).
 
-Same signatures as :mod:`tonno_fast.backends.reference` (index-space maps, no geometry), so the pipeline
+Same signatures as :mod:`tonno_fast.backend.reference` (index-space maps, no geometry), so the pipeline
 and the GPU benchmarks call it interchangeably; :func:`slice_volume` and :func:`backproject_slices` also take
 the fusion keywords of the kernel modules (``window``/``replicate_channels``, ``laplacian_spacing``).
 

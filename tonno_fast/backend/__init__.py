@@ -1,7 +1,7 @@
 """Backend registry: which implementation of the five operators runs for a given tensor.
 
 Each backend module exposes the same five functions with the signatures documented in
-:mod:`tonno_fast.backends.reference` (index-space maps, no geometry):
+:mod:`tonno_fast.backend.reference` (index-space maps, no geometry):
 ``slice_volume``, ``radon``, ``backproject``, ``backproject_slices``, ``affine_grid_sample``.
 
 * ``reference``: plain PyTorch, always available, float64-capable; the oracle.
