@@ -88,6 +88,11 @@ MD=()
 # shellcheck disable=SC2086
 step bench 200 "$PY" benchmarks/gpu/bench.py ${MD[@]+"${MD[@]}"} ${BENCH_ARGS:-} && cat "$LOG/bench.log"
 
+# 5. The three pipelines end to end with a ResNet-18 under bf16 autocast, split into slicing / encoder /
+#    reconstruction (issue 6).
+step pipelines 90 "$PY" benchmarks/test_bench_pipeline.py --device cuda --model resnet18 --autocast bf16 \
+  && cat "$LOG/pipelines.log"
+
 echo "== total $(( $(date +%s) - START ))s"
 if (( ${#FAILED[@]} )); then
   echo "FAILED: ${FAILED[*]}"; exit 1
