@@ -90,13 +90,12 @@ TF_HD void linear_taps_dx(const Taps<T>& t, T x, int64_t n, T& d0, T& d1) {
   (void)t;
 }
 
-// Trilinear interpolation of a strided 3D array `a` (sizes n0, n1, n2; element strides s0, s1, s2) at
-// continuous index (x0, x1, x2). Out-of-bounds corners read zero.
+// Trilinear combination of the eight corners given precomputed taps of the three axes (offsets already
+// clamped, weights of invalid taps 0 — see linear_taps), so one set of taps serves every batch item and
+// channel. `a` points at the first element of one (n0, n1, n2) array with strides s0, s1, s2.
 template <typename T, typename Acc = T>
-TF_HD Acc trilinear(const T* a, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
-                    Acc x0, Acc x1, Acc x2) {
-  Taps<Acc> t0, t1, t2;
-  if (!linear_taps(x0, n0, t0) || !linear_taps(x1, n1, t1) || !linear_taps(x2, n2, t2)) return Acc(0);
+TF_HD Acc trilinear_taps(const T* a, int64_t s0, int64_t s1, int64_t s2, const Taps<Acc>& t0,
+                         const Taps<Acc>& t1, const Taps<Acc>& t2) {
   const int64_t o00 = t0.i0 * s0 + t1.i0 * s1, o01 = t0.i0 * s0 + t1.i1 * s1;
   const int64_t o10 = t0.i1 * s0 + t1.i0 * s1, o11 = t0.i1 * s0 + t1.i1 * s1;
   const int64_t a0 = t2.i0 * s2, a1 = t2.i1 * s2;
@@ -105,6 +104,16 @@ TF_HD Acc trilinear(const T* a, int64_t n0, int64_t n1, int64_t n2, int64_t s0, 
   const Acc r10 = t2.w0 * Acc(a[o10 + a0]) + t2.w1 * Acc(a[o10 + a1]);
   const Acc r11 = t2.w0 * Acc(a[o11 + a0]) + t2.w1 * Acc(a[o11 + a1]);
   return t0.w0 * (t1.w0 * r00 + t1.w1 * r01) + t0.w1 * (t1.w0 * r10 + t1.w1 * r11);
+}
+
+// Trilinear interpolation of a strided 3D array `a` (sizes n0, n1, n2; element strides s0, s1, s2) at
+// continuous index (x0, x1, x2). Out-of-bounds corners read zero.
+template <typename T, typename Acc = T>
+TF_HD Acc trilinear(const T* a, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
+                    Acc x0, Acc x1, Acc x2) {
+  Taps<Acc> t0, t1, t2;
+  if (!linear_taps(x0, n0, t0) || !linear_taps(x1, n1, t1) || !linear_taps(x2, n2, t2)) return Acc(0);
+  return trilinear_taps<T, Acc>(a, s0, s1, s2, t0, t1, t2);
 }
 
 // Sum of the trilinear weights of the valid corners at (x0, x1, x2): 1 inside the array, less near
@@ -166,22 +175,6 @@ TF_HD Acc trilinear_with_grad(const T* a, int64_t n0, int64_t n1, int64_t n2, in
 
 // ---------------------------------------------------------------------------------------------------------
 // Additions for the fused CPU kernels (issue 3). Appended, existing functions unchanged.
-
-// Trilinear combination of the eight corners given precomputed taps of the three axes (offsets already
-// clamped, weights of invalid taps 0 — see linear_taps), so one set of taps serves every batch item and
-// channel. `a` points at the first element of one (n0, n1, n2) array with strides s0, s1, s2.
-template <typename T, typename Acc = T>
-TF_HD Acc trilinear_taps(const T* a, int64_t s0, int64_t s1, int64_t s2, const Taps<Acc>& t0,
-                         const Taps<Acc>& t1, const Taps<Acc>& t2) {
-  const int64_t o00 = t0.i0 * s0 + t1.i0 * s1, o01 = t0.i0 * s0 + t1.i1 * s1;
-  const int64_t o10 = t0.i1 * s0 + t1.i0 * s1, o11 = t0.i1 * s0 + t1.i1 * s1;
-  const int64_t a0 = t2.i0 * s2, a1 = t2.i1 * s2;
-  const Acc r00 = t2.w0 * Acc(a[o00 + a0]) + t2.w1 * Acc(a[o00 + a1]);
-  const Acc r01 = t2.w0 * Acc(a[o01 + a0]) + t2.w1 * Acc(a[o01 + a1]);
-  const Acc r10 = t2.w0 * Acc(a[o10 + a0]) + t2.w1 * Acc(a[o10 + a1]);
-  const Acc r11 = t2.w0 * Acc(a[o11 + a0]) + t2.w1 * Acc(a[o11 + a1]);
-  return t0.w0 * (t1.w0 * r00 + t1.w1 * r01) + t0.w1 * (t1.w0 * r10 + t1.w1 * r11);
-}
 
 // Integer range [first, last) of t in [0, n) that contains every t for which the interval
 // [amin + t*b, amax + t*b] meets the open interval (lo, hi); a superset (widened by a margin that absorbs

@@ -20,9 +20,7 @@ using affine::conversion;
 using affine::theta_to_maps;
 
 void check_inputs(const at::Tensor& volume, const at::Tensor& theta) {
-  check_floating(volume, "volume");
-  check_dim(volume, 5, "volume", "(N, C, D, H, W)");
-  check_nonempty(volume, "volume");
+  check_input(volume, 5, "volume", "(N, C, D, H, W)");
   TORCH_CHECK(theta.dim() == 3 && theta.size(0) == volume.size(0) && theta.size(1) == 3 && theta.size(2) == 4,
               "tonno_fast: theta must have shape (N, 3, 4) with N = volume.size(0) = ", volume.size(0), ", got ",
               theta.sizes());
@@ -36,10 +34,9 @@ void affine_sample_kernel(const T* vol, const T* maps, int64_t N, int64_t C, int
   parallel_for_dynamic(N * Do, [&](int64_t nd) {
     const int64_t n = nd / Do, d = nd % Do;
     const T* M = maps + 12 * n;
-    const T step[3] = {M[2], M[6], M[10]};
     for (int64_t hh = 0; hh < Ho; ++hh) {
-      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
-                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
+      T x[3], step[3];
+      map_row(M, T(d), T(hh), x, step);
       sample_row<T, T>(vol + n * C * DHW, D, H, W, 1, 0, 0, C, DHW, O, x, step, Wo, T(0),
                        out + n * C * O + (d * Ho + hh) * Wo);
     }
@@ -57,11 +54,10 @@ void affine_map_grad_kernel(const T* grad, const T* vol, const T* maps, int64_t 
   parallel_for_dynamic(N * Do, [&](int64_t nd) {
     const int64_t n = nd / Do, d = nd % Do;
     const T* M = maps + 12 * n;
-    const T step[3] = {M[2], M[6], M[10]};
     Acc s[3][4] = {};
     for (int64_t hh = 0; hh < Ho; ++hh) {
-      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
-                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
+      T x[3], step[3];
+      map_row(M, T(d), T(hh), x, step);
       const T* g = grad + n * C * O + (d * Ho + hh) * Wo;  // grad[n, 0, d, hh, :]
       const T* v = vol + n * C * DHW;
       // s[a][:] += (sum_c grad * d trilinear / d x_a) * (d, hh, j, 1) at output point (d, hh, j).
@@ -137,9 +133,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
                                                                    const at::Tensor& theta, bool align_corners,
                                                                    bool volume_grad, bool theta_grad) {
   check_inputs(volume, theta);
-  check_floating(grad, "grad");
-  check_dim(grad, 5, "grad", "(N, C, D_out, H_out, W_out)");
-  check_nonempty(grad, "grad");
+  check_input(grad, 5, "grad", "(N, C, D_out, H_out, W_out)");
   check_like(grad, volume, "grad", "volume");
   TORCH_CHECK(grad.size(0) == volume.size(0) && grad.size(1) == volume.size(1),
               "tonno_fast: grad must have the N, C of volume (", volume.size(0), ", ", volume.size(1), "), got ",

@@ -14,18 +14,16 @@ namespace {
 template <typename T>
 void backproject_kernel(const T* sino, const T* maps, const T* weights, int64_t BK, int64_t N, int64_t S,
                         int64_t D, int64_t H, int64_t W, T* out) {
-  const int64_t DHW = D * H * W, P = S + 3;
+  const int64_t P = S + 3;
   // Zero-padded copy of every sinogram row (maths::lerp_zero_padded): the inner loop has no branches and
   // vectorises (two gathers per update). BK*N*(S+3) values: small, stays in L1/L2.
   std::vector<T> padded(BK * N * P, T(0));
   for (int64_t qn = 0; qn < BK * N; ++qn) std::copy(sino + qn * S, sino + (qn + 1) * S, padded.begin() + qn * P + 1);
   // One task per voxel row (d, h). t = maps[n,0] @ (d,h,x,1) steps by maps[n,0,2] along the row; the row's
   // accumulators stay in L1 across the N directions.
-  parallel_for_dynamic(D * H, [&](int64_t dh) {
-    const int64_t d = dh / H, hh = dh % H;
-    std::vector<T> acc(BK * W, T(0));
+  for_each_voxel_row(BK, D, H, W, out, [&](int64_t d, int64_t hh, T* acc) {
     for (int64_t q = 0; q < BK; ++q) {
-      T* __restrict a = acc.data() + q * W;
+      T* __restrict a = acc + q * W;
       for (int64_t n = 0; n < N; ++n) {
         const T* r = maps + 12 * n;  // row 0 of maps[n]
         const T t0 = maths::apply_row(r, T(d), T(hh), T(0)), dt = r[2], wn = weights[n];
@@ -34,7 +32,6 @@ void backproject_kernel(const T* sino, const T* maps, const T* weights, int64_t 
         for (int32_t x = 0; x < static_cast<int32_t>(W); ++x) a[x] += wn * maths::lerp_zero_padded(row, S, t0 + T(x) * dt);
       }
     }
-    for (int64_t q = 0; q < BK; ++q) std::copy(acc.begin() + q * W, acc.begin() + (q + 1) * W, out + q * DHW + dh * W);
   });
 }
 
@@ -75,12 +72,9 @@ void backproject_backward_kernel(const T* grad, const T* maps, const T* weights,
 
 at::Tensor backproject_cpu(const at::Tensor& sinogram, const at::Tensor& maps, const at::Tensor& weights,
                            at::IntArrayRef volume_shape) {
-  check_floating(sinogram, "sinogram");
-  check_dim(sinogram, 4, "sinogram", "(B, K, N, S)");
-  check_nonempty(sinogram, "sinogram");
+  check_input(sinogram, 4, "sinogram", "(B, K, N, S)");
   const at::Tensor m = check_maps(maps, sinogram, "sinogram");
-  TORCH_CHECK(sinogram.size(2) == m.size(0), "tonno_fast: sinogram must have N = maps.size(0) = ", m.size(0),
-              " directions (dim 2 of (B, K, N, S)), got shape ", sinogram.sizes());
+  check_directions(sinogram, 2, m.size(0), "sinogram", "(B, K, N, S)");
   const at::Tensor w = check_weights(weights, m.size(0), sinogram, "sinogram");
   const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
   const at::Tensor s = sinogram.contiguous();
@@ -96,9 +90,7 @@ at::Tensor backproject_cpu(const at::Tensor& sinogram, const at::Tensor& maps, c
 
 at::Tensor backproject_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& weights,
                                     int64_t n_slices) {
-  check_floating(grad, "grad");
-  check_dim(grad, 5, "grad", "(B, K, D, H, W)");
-  check_nonempty(grad, "grad");
+  check_input(grad, 5, "grad", "(B, K, D, H, W)");
   const at::Tensor m = check_maps(maps, grad, "grad");
   const at::Tensor w = check_weights(weights, m.size(0), grad, "grad");
   check_positive(n_slices, "n_slices");

@@ -13,20 +13,16 @@ namespace {
 template <typename T>
 void backproject_slices_kernel(const T* stacks, const T* maps, const T* weights, int64_t BK, int64_t N, int64_t S,
                                int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T* out) {
-  const int64_t DHW = D * H * W, Shw = S * h * w;
+  const int64_t Shw = S * h * w;
   // One task per voxel row (d, h): gather from every stack, accumulators for the row stay in L1.
-  parallel_for_dynamic(D * H, [&](int64_t dh) {
-    const int64_t d = dh / H, hh = dh % H;
-    std::vector<T> acc(BK * W, T(0));
+  for_each_voxel_row(BK, D, H, W, out, [&](int64_t d, int64_t hh, T* acc) {
     for (int64_t n = 0; n < N; ++n) {
       const T* M = maps + 12 * n;
-      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
-                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
-      const T step[3] = {M[2], M[6], M[10]};
+      T x[3], step[3];
+      map_row(M, T(d), T(hh), x, step);
       // acc[q, :] += weights[n] * trilinear(stacks[q, n], x(v)) along the row (q = b*K + k).
-      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], acc.data(), W);
+      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], acc, W);
     }
-    for (int64_t q = 0; q < BK; ++q) std::copy(acc.begin() + q * W, acc.begin() + (q + 1) * W, out + q * DHW + dh * W);
   });
 }
 
@@ -42,11 +38,10 @@ void backproject_slices_backward_kernel(const T* grad, const T* maps, const T* w
     for (int64_t q = 0; q < BK; ++q) std::fill(out + (q * N + n) * Shw, out + (q * N + n + 1) * Shw, T(0));
     const T* M = maps + 12 * n;
     const T wn = weights[n];
-    const T step[3] = {M[2], M[6], M[10]};
     for (int64_t dh = 0; dh < D * H; ++dh) {
       const int64_t d = dh / H, hh = dh % H;
-      const T x[3] = {maths::apply_row(M, T(d), T(hh), T(0)), maths::apply_row(M + 4, T(d), T(hh), T(0)),
-                      maths::apply_row(M + 8, T(d), T(hh), T(0))};
+      T x[3], step[3];
+      map_row(M, T(d), T(hh), x, step);
       // Scatter g = weights[n] * grad[q, voxel] into the eight corners of the voxel's point in stack n.
       const auto scatter = [&](int64_t v, const int64_t o0[2], const int64_t o1[2], const int64_t o2[2],
                                const T w0[2], const T w1[2], const T w2[2]) {
@@ -78,9 +73,8 @@ void backproject_slices_backward_kernel(const T* grad, const T* maps, const T* w
       // Edge voxels: per-tap validity (maths::linear_taps).
       const auto edge = [&](int64_t va, int64_t vb) {
         for (int64_t v = va; v < vb; ++v) {
-          const T p[3] = {x[0] + T(v) * step[0], x[1] + T(v) * step[1], x[2] + T(v) * step[2]};
           Taps<T> t0, t1, t2;
-          if (!taps3(p, S, h, w, t0, t1, t2)) continue;
+          if (!line_taps3(x, step, v, S, h, w, t0, t1, t2)) continue;
           const int64_t o0[2] = {t0.i0 * hw, t0.i1 * hw}, o1[2] = {t1.i0 * w, t1.i1 * w}, o2[2] = {t2.i0, t2.i1};
           const T w0[2] = {t0.w0, t0.w1}, w1[2] = {t1.w0, t1.w1}, w2[2] = {t2.w0, t2.w1};
           scatter(v, o0, o1, o2, w0, w1, w2);
@@ -94,12 +88,9 @@ void backproject_slices_backward_kernel(const T* grad, const T* maps, const T* w
 
 at::Tensor backproject_slices_cpu(const at::Tensor& stacks, const at::Tensor& maps, const at::Tensor& weights,
                                   at::IntArrayRef volume_shape) {
-  check_floating(stacks, "stacks");
-  check_dim(stacks, 6, "stacks", "(B, K, N, S, h, w)");
-  check_nonempty(stacks, "stacks");
+  check_input(stacks, 6, "stacks", "(B, K, N, S, h, w)");
   const at::Tensor m = check_maps(maps, stacks, "stacks");
-  TORCH_CHECK(stacks.size(2) == m.size(0), "tonno_fast: stacks must have N = maps.size(0) = ", m.size(0),
-              " directions (dim 2 of (B, K, N, S, h, w)), got shape ", stacks.sizes());
+  check_directions(stacks, 2, m.size(0), "stacks", "(B, K, N, S, h, w)");
   const at::Tensor w = check_weights(weights, m.size(0), stacks, "stacks");
   const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
   const at::Tensor s = stacks.contiguous();
@@ -115,9 +106,7 @@ at::Tensor backproject_slices_cpu(const at::Tensor& stacks, const at::Tensor& ma
 
 at::Tensor backproject_slices_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& weights,
                                            at::IntArrayRef stack_shape) {
-  check_floating(grad, "grad");
-  check_dim(grad, 5, "grad", "(B, K, D, H, W)");
-  check_nonempty(grad, "grad");
+  check_input(grad, 5, "grad", "(B, K, D, H, W)");
   const at::Tensor m = check_maps(maps, grad, "grad");
   const at::Tensor w = check_weights(weights, m.size(0), grad, "grad");
   const auto st = check_shape3(stack_shape, "stack_shape", "(S, h, w)");

@@ -50,6 +50,20 @@ inline void check_nonempty(const at::Tensor& t, const char* name) {
   }
 }
 
+// The op's main tensor argument: a float32/float64 CPU tensor with `dim` dimensions (`layout`, e.g.
+// "(B, C, D, H, W)") and no empty dimension. The three checks above, in this order.
+inline void check_input(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
+  check_floating(t, name);
+  check_dim(t, dim, name, layout);
+  check_nonempty(t, name);
+}
+
+// Dimension `dim` of `t` (shape `layout`) counts the N directions of maps.
+inline void check_directions(const at::Tensor& t, int64_t dim, int64_t n, const char* name, const char* layout) {
+  TORCH_CHECK(t.size(dim) == n, "tonno_fast: ", name, " must have N = maps.size(0) = ", n, " directions (dim ", dim,
+              " of ", layout, "), got shape ", t.sizes());
+}
+
 // `t` has the same dtype and device as `like` (the op's main tensor argument).
 inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* name, const char* like_name) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "tonno_fast: ", name, " must have the dtype of ",
@@ -104,6 +118,21 @@ inline void parallel_for_dynamic(int64_t n, const F& f) {
 #endif
 }
 
+// Gathers into a volume, one task per voxel row (d, h) of the (D, H, W) output: f(d, h, acc) adds the row's
+// values of the BK output arrays into acc (BK x W, zeroed; it stays in L1 across whatever f loops over),
+// which is then stored to out[q, d, h, :] (q in [0, BK), arrays of D*H*W contiguous). Every output element
+// is written once, by one task: race-free and deterministic.
+template <typename T, typename F>
+inline void for_each_voxel_row(int64_t BK, int64_t D, int64_t H, int64_t W, T* out, const F& f) {
+  const int64_t DHW = D * H * W;
+  parallel_for_dynamic(D * H, [&](int64_t dh) {
+    const int64_t d = dh / H, hh = dh % H;
+    std::vector<T> acc(BK * W, T(0));
+    f(d, hh, acc.data());
+    for (int64_t q = 0; q < BK; ++q) std::copy(acc.begin() + q * W, acc.begin() + (q + 1) * W, out + q * DHW + dh * W);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Range [j0, j1) of a line x(j) = x + j*step, j in [0, n), outside which every point lies at or beyond one
 // cell outside the (n0, n1, n2) array (so reads only padding): the intersection of the three axes' clips.
@@ -130,6 +159,24 @@ inline bool taps3(const T x[3], int64_t n0, int64_t n1, int64_t n2, Taps<T>& t0,
   const bool b = maths::linear_taps(x[1], n1, t1);
   const bool c = maths::linear_taps(x[2], n2, t2);
   return a && b && c;
+}
+
+// Taps of the point j of the line x(j) = x + j*step (see taps3); false if no corner is valid.
+template <typename T>
+inline bool line_taps3(const T x[3], const T step[3], int64_t j, int64_t n0, int64_t n1, int64_t n2, Taps<T>& t0,
+                       Taps<T>& t1, Taps<T>& t2) {
+  const T p[3] = {x[0] + T(j) * step[0], x[1] + T(j) * step[1], x[2] + T(j) * step[2]};
+  return taps3(p, n0, n1, n2, t0, t1, t2);
+}
+
+// The row of points M @ (a, b, j, 1), j = 0, 1, ...: its start x = M @ (a, b, 0, 1) and its step M[:, 2]
+// (M row-major 3x4). Every kernel walks its sampling grids by such rows (see plan_row below).
+template <typename T>
+inline void map_row(const T* M, T a, T b, T x[3], T step[3]) {
+  for (int ax = 0; ax < 3; ++ax) {
+    x[ax] = maths::apply_row(M + 4 * ax, a, b, T(0));
+    step[ax] = M[4 * ax + 2];
+  }
 }
 
 // NOTE: walking slices in column tiles of 32 (to keep the voxels of consecutive rows in L1) was measured
@@ -246,9 +293,8 @@ inline void sample_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nb
   // Edges: general path.
   const auto edge = [&](int64_t ja, int64_t jb) {
     for (int64_t j = ja; j < jb; ++j) {
-      const T p[3] = {x[0] + T(j) * step[0], x[1] + T(j) * step[1], x[2] + T(j) * step[2]};
       Taps<T> t0, t1, t2;
-      const bool any = taps3(p, D, H, W, t0, t1, t2);
+      const bool any = line_taps3(x, step, j, D, H, W, t0, t1, t2);
       // Invalid taps have weight 0, so the sum of the weights is the inside weight of maths.h.
       const T outside = any ? fill * (T(1) - (t0.w0 + t0.w1) * (t1.w0 + t1.w1) * (t2.w0 + t2.w1)) : fill;
       for (int64_t b = 0; b < nb; ++b) {
@@ -286,9 +332,8 @@ inline void sum_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nq, i
   }
   const auto edge = [&](int64_t ja, int64_t jb) {
     for (int64_t j = ja; j < jb; ++j) {
-      const T p[3] = {x[0] + T(j) * step[0], x[1] + T(j) * step[1], x[2] + T(j) * step[2]};
       Taps<T> t0, t1, t2;
-      if (!taps3(p, D, H, W, t0, t1, t2)) continue;
+      if (!line_taps3(x, step, j, D, H, W, t0, t1, t2)) continue;
       for (int64_t q = 0; q < nq; ++q) acc[q] += Acc(maths::trilinear_taps<T, T>(vol + q * vol_sq, sD, W, 1, t0, t1, t2));
     }
   };
@@ -319,9 +364,8 @@ inline void accumulate_row(const T* arr, int64_t n0, int64_t n1, int64_t n2, int
   }
   const auto edge = [&](int64_t ja, int64_t jb) {
     for (int64_t j = ja; j < jb; ++j) {
-      const T p[3] = {x[0] + T(j) * step[0], x[1] + T(j) * step[1], x[2] + T(j) * step[2]};
       Taps<T> t0, t1, t2;
-      if (!taps3(p, n0, n1, n2, t0, t1, t2)) continue;
+      if (!line_taps3(x, step, j, n0, n1, n2, t0, t1, t2)) continue;
       for (int64_t q = 0; q < nq; ++q) {
         acc[q * acc_sq + j] += weight * maths::trilinear_taps<T, T>(arr + q * arr_sq, s01, n2, 1, t0, t1, t2);
       }
@@ -382,9 +426,8 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
             c1 = std::min(c1, l);
           }
           for (int64_t c = c0; c < c1; ++c) {
-            const T p[3] = {x[0] + T(c) * step[0], x[1] + T(c) * step[1], x[2] + T(c) * step[2]};
             Taps<T> t0, t1, t2;
-            if (!taps3(p, D, H, W, t0, t1, t2)) continue;
+            if (!line_taps3(x, step, c, D, H, W, t0, t1, t2)) continue;
             // Keep only the d-taps inside this slab (the others belong to another thread's slab).
             const int64_t id[2] = {t0.i0, t0.i1};
             const T wd[2] = {t0.w0, t0.w1};
@@ -412,6 +455,15 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
       }
     }
   });
+}
+
+// The adjoint of sampling N stacks of S slices of h x w pixels from BC volumes (slice_volume_backward,
+// radon_backward): scatter_grid with one job per stack n (maps[n] maps pixel (k, i, j) to the volume), every
+// job writing all BC output arrays q; value(n, q, k, i, j) is what pixel (i, j) of slice k adds.
+template <typename T, typename ValueFn>
+void scatter_slices(T* out, int64_t D, int64_t H, int64_t W, const T* maps, int64_t N, int64_t S, int64_t h,
+                    int64_t w, int64_t BC, const ValueFn& value) {
+  scatter_grid<T>(out, D, H, W, N, maps, S, h, w, BC, [](int64_t) { return int64_t(0); }, value);
 }
 
 }  // namespace cpu

@@ -17,11 +17,10 @@ void radon_kernel(const T* vol, const T* maps, int64_t BC, int64_t D, int64_t H,
   parallel_for_dynamic(N * S, [&](int64_t nk) {
     const int64_t n = nk / S, k = nk % S;
     const T* M = maps + 12 * n;
-    const T step[3] = {M[2], M[6], M[10]};
     std::vector<Acc> acc(BC, Acc(0));
     for (int64_t i = 0; i < h; ++i) {
-      const T x[3] = {maths::apply_row(M, T(k), T(i), T(0)), maths::apply_row(M + 4, T(k), T(i), T(0)),
-                      maths::apply_row(M + 8, T(k), T(i), T(0))};
+      T x[3], step[3];
+      map_row(M, T(k), T(i), x, step);
       sum_row<T, Acc>(vol, D, H, W, BC, DHW, x, step, w, acc.data());
     }
     for (int64_t q = 0; q < BC; ++q) out[(q * N + n) * S + k] = static_cast<T>(Acc(scale) * acc[q]);
@@ -30,9 +29,7 @@ void radon_kernel(const T* vol, const T* maps, int64_t BC, int64_t D, int64_t H,
 
 at::Tensor radon_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
                      int64_t width, double scale) {
-  check_floating(volume, "volume");
-  check_dim(volume, 5, "volume", "(B, C, D, H, W)");
-  check_nonempty(volume, "volume");
+  check_input(volume, 5, "volume", "(B, C, D, H, W)");
   const at::Tensor m = check_maps(maps, volume, "volume");
   check_positive(n_slices, "n_slices");
   check_positive(height, "height");
@@ -50,12 +47,9 @@ at::Tensor radon_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n
 
 at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, int64_t height, int64_t width,
                               double scale, at::IntArrayRef volume_shape) {
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad", "(B, C, N, S)");
-  check_nonempty(grad, "grad");
+  check_input(grad, 4, "grad", "(B, C, N, S)");
   const at::Tensor m = check_maps(maps, grad, "grad");
-  TORCH_CHECK(grad.size(2) == m.size(0), "tonno_fast: grad must have N = maps.size(0) = ", m.size(0),
-              " directions (dim 2 of (B, C, N, S)), got shape ", grad.sizes());
+  check_directions(grad, 2, m.size(0), "grad", "(B, C, N, S)");
   check_positive(height, "height");
   check_positive(width, "width");
   const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
@@ -67,9 +61,8 @@ at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, in
     const T* gp = g.const_data_ptr<T>();
     const T sc = static_cast<T>(scale);
     // Every pixel of plane (n, k) carries scale * grad[b, c, n, k].
-    scatter_grid<T>(
-        out.mutable_data_ptr<T>(), shp[0], shp[1], shp[2], N, m.const_data_ptr<T>(), S, height, width, B * C,
-        [](int64_t) { return int64_t(0); },
+    scatter_slices<T>(
+        out.mutable_data_ptr<T>(), shp[0], shp[1], shp[2], m.const_data_ptr<T>(), N, S, height, width, B * C,
         [&](int64_t n, int64_t q, int64_t k, int64_t, int64_t) { return sc * gp[(q * N + n) * S + k]; });
   });
   return out;

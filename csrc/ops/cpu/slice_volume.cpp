@@ -19,11 +19,10 @@ void slice_volume_kernel(const T* vol, const T* maps, int64_t B, int64_t C, int6
   parallel_for_dynamic(N * S, [&](int64_t nk) {
     const int64_t n = nk / S, k = nk % S;
     const T* M = maps + 12 * n;
-    const T step[3] = {M[2], M[6], M[10]};
     O* o = out + (n * S + k) * C * hw;  // out[0, n, k, 0, 0, 0]
     for (int64_t i = 0; i < h; ++i) {
-      const T x[3] = {maths::apply_row(M, T(k), T(i), T(0)), maths::apply_row(M + 4, T(k), T(i), T(0)),
-                      maths::apply_row(M + 8, T(k), T(i), T(0))};
+      T x[3], step[3];
+      map_row(M, T(k), T(i), x, step);
       sample_row<T, O>(vol, D, H, W, B, C * DHW, N * S * C * hw, C, DHW, hw, x, step, w, fill, o + i * w);
     }
   });
@@ -31,9 +30,7 @@ void slice_volume_kernel(const T* vol, const T* maps, int64_t B, int64_t C, int6
 
 at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
                             int64_t width, double fill, std::optional<at::ScalarType> out_dtype) {
-  check_floating(volume, "volume");
-  check_dim(volume, 5, "volume", "(B, C, D, H, W)");
-  check_nonempty(volume, "volume");
+  check_input(volume, 5, "volume", "(B, C, D, H, W)");
   const at::Tensor m = check_maps(maps, volume, "volume");
   check_positive(n_slices, "n_slices");
   check_positive(height, "height");
@@ -58,12 +55,9 @@ at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, in
 }
 
 at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, at::IntArrayRef volume_shape) {
-  check_floating(grad, "grad");
-  check_dim(grad, 6, "grad", "(B, N, S, C, h, w)");
-  check_nonempty(grad, "grad");
+  check_input(grad, 6, "grad", "(B, N, S, C, h, w)");
   const at::Tensor m = check_maps(maps, grad, "grad");
-  TORCH_CHECK(grad.size(1) == m.size(0), "tonno_fast: grad must have N = maps.size(0) = ", m.size(0),
-              " directions (dim 1 of (B, N, S, C, h, w)), got shape ", grad.sizes());
+  check_directions(grad, 1, m.size(0), "grad", "(B, N, S, C, h, w)");
   const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
   const at::Tensor g = grad.contiguous();
   const int64_t B = g.size(0), N = g.size(1), S = g.size(2), C = g.size(3), h = g.size(4), w = g.size(5);
@@ -74,9 +68,8 @@ at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& m
     const T* gp = g.const_data_ptr<T>();
     const int64_t hw = h * w;
     // Job n scatters slice stack n into all B*C output arrays (q = b*C + c).
-    scatter_grid<T>(
-        out.mutable_data_ptr<T>(), D, H, W, N, m.const_data_ptr<T>(), S, h, w, B * C,
-        [](int64_t) { return int64_t(0); },
+    scatter_slices<T>(
+        out.mutable_data_ptr<T>(), D, H, W, m.const_data_ptr<T>(), N, S, h, w, B * C,
         [&](int64_t n, int64_t q, int64_t k, int64_t i, int64_t j) {
           const int64_t b = q / C, c = q % C;
           return gp[(((b * N + n) * S + k) * C + c) * hw + i * w + j];

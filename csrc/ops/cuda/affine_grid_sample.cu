@@ -25,18 +25,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kThetaBlocks = 256;  // blocks per batch item for the theta gradient (partial slots)
 
-// Output point p of a (Do, Ho, Wo) grid -> its index (d, h, w) as coordinates.
-template <typename scalar_t>
-__device__ __forceinline__ void point_index(int64_t p, int64_t Ho, int64_t Wo, scalar_t& d, scalar_t& h,
-                                            scalar_t& w) {
-  const int64_t dd = p / (Ho * Wo);
-  const int64_t rem = p - dd * Ho * Wo;
-  const int64_t hh = rem / Wo;
-  d = scalar_t(dd);
-  h = scalar_t(hh);
-  w = scalar_t(rem - hh * Wo);
-}
-
 // Grid: x (looped) over output points, y (looped) over batch items.
 template <typename scalar_t>
 __global__ void affine_sample_kernel(const scalar_t* __restrict__ volume, const scalar_t* __restrict__ maps,
@@ -46,16 +34,13 @@ __global__ void affine_sample_kernel(const scalar_t* __restrict__ volume, const 
   const int64_t vol_size = D * H * W;
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    load_map(maps, n, M);
     for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += int64_t(gridDim.x) * blockDim.x) {
       scalar_t a, b, c3;
-      point_index(p, Ho, Wo, a, b, c3);
-      scalar_t x0, x1, x2;
-      maths::apply_affine(M, a, b, c3, x0, x1, x2);
+      grid_point(p, Ho, Wo, a, b, c3);
       int64_t off[8];
       scalar_t wt[8];
-      const bool any = maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt);
+      const bool any = map_corners(M, a, b, c3, D, H, W, off, wt);
 #pragma unroll 1  // unrolling the channel loop only raises register pressure (125 registers on sm_90)
       for (int64_t c = 0; c < C; ++c) {
         out[(n * C + c) * P + p] = any ? gather_corners(volume + (n * C + c) * vol_size, off, wt) : scalar_t(0);
@@ -73,16 +58,13 @@ __global__ void affine_volume_grad_kernel(const scalar_t* __restrict__ grad, con
   const int64_t vol_size = D * H * W;
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    load_map(maps, n, M);
     for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += int64_t(gridDim.x) * blockDim.x) {
       scalar_t a, b, c3;
-      point_index(p, Ho, Wo, a, b, c3);
-      scalar_t x0, x1, x2;
-      maths::apply_affine(M, a, b, c3, x0, x1, x2);
+      grid_point(p, Ho, Wo, a, b, c3);
       int64_t off[8];
       scalar_t wt[8];
-      if (!maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt)) continue;
+      if (!map_corners(M, a, b, c3, D, H, W, off, wt)) continue;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t g = ldg(grad + (n * C + c) * P + p);
         if (g != scalar_t(0)) scatter_corners(gvol + (n * C + c) * vol_size, off, wt, g);
@@ -102,14 +84,13 @@ __global__ void affine_map_grad_kernel(const scalar_t* __restrict__ grad, const 
   const int64_t vol_size = D * H * W;
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    load_map(maps, n, M);
     scalar_t s[12];
 #pragma unroll
     for (int e = 0; e < 12; ++e) s[e] = scalar_t(0);
     for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += int64_t(gridDim.x) * blockDim.x) {
       scalar_t col[4];
-      point_index(p, Ho, Wo, col[0], col[1], col[2]);
+      grid_point(p, Ho, Wo, col[0], col[1], col[2]);
       col[3] = scalar_t(1);
       scalar_t x0, x1, x2;
       maths::apply_affine(M, col[0], col[1], col[2], x0, x1, x2);

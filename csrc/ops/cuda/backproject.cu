@@ -45,12 +45,7 @@ __global__ void backproject_kernel(const scalar_t* __restrict__ sinogram, const 
 #pragma unroll
   for (int r = 0; r < kVoxels; ++r) {
     const int64_t v = std::min<int64_t>(base + int64_t(r) * blockDim.x, V - 1);  // clamp: stores are guarded
-    const int64_t d = v / (H * W);
-    const int64_t rem = v - d * H * W;
-    const int64_t hh = rem / W;
-    cd[r] = scalar_t(d);
-    ch[r] = scalar_t(hh);
-    cw[r] = scalar_t(rem - hh * W);
+    grid_point(v, H, W, cd[r], ch[r], cw[r]);
     acc[r] = scalar_t(0);
   }
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {

@@ -32,22 +32,17 @@ __global__ void backproject_slices_kernel(const scalar_t* __restrict__ stacks, c
   const int64_t stack_size = S * h * w;
   const int64_t bk0 = int64_t(blockIdx.y) * kPlanes;
   for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = v / (H * W);
-    const int64_t rem = v - d * H * W;
-    const int64_t hh = rem / W;
-    const scalar_t cd = scalar_t(d), ch = scalar_t(hh), cw = scalar_t(rem - hh * W);
+    scalar_t cd, ch, cw;
+    grid_point(v, H, W, cd, ch, cw);
     scalar_t acc[kPlanes];
 #pragma unroll
     for (int r = 0; r < kPlanes; ++r) acc[r] = scalar_t(0);
     for (int64_t n = 0; n < N; ++n) {
       scalar_t M[12];
-#pragma unroll
-      for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
-      scalar_t x0, x1, x2;
-      maths::apply_affine(M, cd, ch, cw, x0, x1, x2);
+      load_map(maps, n, M);
       int64_t off[8];
       scalar_t wt[8];
-      if (!maths::trilinear_corners(S, h, w, h * w, w, int64_t(1), x0, x1, x2, off, wt)) continue;
+      if (!map_corners(M, cd, ch, cw, S, h, w, off, wt)) continue;
       const scalar_t wn = ldg(weights + n);
 #pragma unroll
       for (int r = 0; r < kPlanes; ++r) {
@@ -71,19 +66,14 @@ __global__ void backproject_slices_backward_kernel(const scalar_t* __restrict__ 
   const int64_t V = D * H * W;
   const int64_t stack_size = S * h * w;
   for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = v / (H * W);
-    const int64_t rem = v - d * H * W;
-    const int64_t hh = rem / W;
-    const scalar_t cd = scalar_t(d), ch = scalar_t(hh), cw = scalar_t(rem - hh * W);
+    scalar_t cd, ch, cw;
+    grid_point(v, H, W, cd, ch, cw);
     for (int64_t n = 0; n < N; ++n) {
       scalar_t M[12];
-#pragma unroll
-      for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
-      scalar_t x0, x1, x2;
-      maths::apply_affine(M, cd, ch, cw, x0, x1, x2);
+      load_map(maps, n, M);
       int64_t off[8];
       scalar_t wt[8];
-      if (!maths::trilinear_corners(S, h, w, h * w, w, int64_t(1), x0, x1, x2, off, wt)) continue;
+      if (!map_corners(M, cd, ch, cw, S, h, w, off, wt)) continue;
       const scalar_t wn = ldg(weights + n);
       for (int64_t bk = blockIdx.y; bk < BK; bk += gridDim.y) {
         const scalar_t g = wn * ldg(grad + bk * V + v);

@@ -181,5 +181,87 @@ __device__ __forceinline__ void scatter_corners(T* a, const int64_t (&off)[8], c
   }
 }
 
+// The row-major 3x4 map maps[n] (index-space affine map, see maths.h) into registers, through the
+// read-only path.
+template <typename scalar_t>
+__device__ __forceinline__ void load_map(const scalar_t* __restrict__ maps, int64_t n, scalar_t (&M)[12]) {
+#pragma unroll
+  for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+}
+
+// Flat index p of a row-major (n0, n1, n2) grid -> its index (a, b, c) as coordinates (n0 itself is not
+// needed). 64-bit: grids of output points / voxels may exceed 2^31.
+template <typename scalar_t>
+__device__ __forceinline__ void grid_point(int64_t p, int64_t n1, int64_t n2, scalar_t& a, scalar_t& b,
+                                           scalar_t& c) {
+  const int64_t aa = p / (n1 * n2);
+  const int64_t rem = p - aa * n1 * n2;
+  const int64_t bb = rem / n2;
+  a = scalar_t(aa);
+  b = scalar_t(bb);
+  c = scalar_t(rem - bb * n2);
+}
+
+// Trilinear corners (maths::trilinear_corners) of the point M @ (a, b, c, 1) in a contiguous (n0, n1, n2)
+// array; false if no corner is valid.
+template <typename scalar_t>
+__device__ __forceinline__ bool map_corners(const scalar_t (&M)[12], scalar_t a, scalar_t b, scalar_t c,
+                                            int64_t n0, int64_t n1, int64_t n2, int64_t (&off)[8],
+                                            scalar_t (&wt)[8]) {
+  scalar_t x0, x1, x2;
+  maths::apply_affine(M, a, b, c, x0, x1, x2);
+  return maths::trilinear_corners(n0, n1, n2, n1 * n2, n2, int64_t(1), x0, x1, x2, off, wt);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Adjoint of sampling slices from a volume (slice_volume_backward, radon_backward): for every pixel (i, j)
+// of every slice k of every stack n, the point maps[n] @ (k, i, j, 1) scatters
+//   grad_value(b, c, n, k, p)        (p = i * w + j)
+// onto its eight corners in out[b, c] (B, C, D, H, W), with atomicAdd (not bitwise deterministic: the host
+// calls alert_atomic_scatter). The ops differ only in where the value of a pixel comes from, so GradFn is
+// a small device functor with `scalar_t operator()(int64_t b, int64_t c, int64_t n, int64_t k, int32_t p)`.
+//
+// Grid: x over the pixels of one slice (one thread per pixel, 32-bit: h * w < 2^31 is checked by the
+// caller), y (looped) over the N * S slices. Corners are computed once per pixel and reused for every (b, c).
+template <typename scalar_t, typename GradFn>
+__global__ void scatter_slices_kernel(GradFn grad_value, const scalar_t* __restrict__ maps,
+                                      scalar_t* __restrict__ out, int64_t B, int64_t C, int64_t D, int64_t H,
+                                      int64_t W, int64_t N, int64_t S, int32_t h, int32_t w) {
+  const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= h * w) return;
+  const int32_t i = p / w;
+  const int32_t j = p - i * w;
+  const int64_t vol_size = D * H * W;
+  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
+    const int64_t n = slice / S;
+    const int64_t k = slice - n * S;
+    scalar_t M[12];
+    load_map(maps, n, M);
+    int64_t off[8];
+    scalar_t wt[8];
+    if (!map_corners(M, scalar_t(k), scalar_t(i), scalar_t(j), D, H, W, off, wt)) continue;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t g = grad_value(b, c, n, k, p);
+        if (g != scalar_t(0)) scatter_corners(out + (b * C + c) * vol_size, off, wt, g);
+      }
+    }
+  }
+}
+
+// Launch scatter_slices_kernel on the current stream for `out` (B, C, D, H, W) (zeroed, contiguous),
+// `maps` (N, 3, 4) (contiguous) and slices of S x h x w pixels.
+template <typename scalar_t, typename GradFn>
+void launch_scatter_slices(const GradFn& grad_value, const at::Tensor& maps, at::Tensor& out, int64_t S,
+                           int64_t h, int64_t w) {
+  constexpr int kScatterThreads = 256;
+  const int64_t N = maps.size(0);
+  const dim3 grid(blocks_for(h * w, kScatterThreads), grid_yz(N * S));
+  scatter_slices_kernel<scalar_t, GradFn><<<grid, kScatterThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      grad_value, maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1),
+      out.size(2), out.size(3), out.size(4), N, S, static_cast<int32_t>(h), static_cast<int32_t>(w));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace cuda
 }  // namespace tonno_fast

@@ -33,19 +33,16 @@ __global__ void radon_kernel(const scalar_t* __restrict__ volume, const scalar_t
     const int64_t n = slice / S;
     const int64_t k = slice - n * S;
     scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    load_map(maps, n, M);
     scalar_t acc[kChannels];
 #pragma unroll
     for (int r = 0; r < kChannels; ++r) acc[r] = scalar_t(0);
     for (int32_t p = threadIdx.x; p < n_pix; p += blockDim.x) {
       const int32_t i = p / w;
       const int32_t j = p - i * w;
-      scalar_t x0, x1, x2;
-      maths::apply_affine(M, scalar_t(k), scalar_t(i), scalar_t(j), x0, x1, x2);
       int64_t off[8];
       scalar_t wt[8];
-      if (!maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt)) continue;
+      if (!map_corners(M, scalar_t(k), scalar_t(i), scalar_t(j), D, H, W, off, wt)) continue;
 #pragma unroll
       for (int r = 0; r < kChannels; ++r) {
         if (bc0 + r < BC) acc[r] += gather_corners(volume + (bc0 + r) * vol_size, off, wt);
@@ -62,33 +59,17 @@ __global__ void radon_kernel(const scalar_t* __restrict__ volume, const scalar_t
   }
 }
 
-// Adjoint: one thread per pixel, y (looped) over slices; corners reused for every (b, c).
+// Adjoint (scatter_slices_kernel of common.cuh): every pixel of slice (n, k) scatters
+// scale * grad[b, c, n, k] into volume (b, c). atomicAdd: see the file comment.
 template <typename scalar_t>
-__global__ void radon_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ maps,
-                                      scalar_t* __restrict__ out, int64_t BC, int64_t D, int64_t H, int64_t W,
-                                      int64_t N, int64_t S, int32_t h, int32_t w, scalar_t scale) {
-  const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= h * w) return;
-  const int32_t i = p / w;
-  const int32_t j = p - i * w;
-  const int64_t vol_size = D * H * W;
-  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
-    const int64_t n = slice / S;
-    const int64_t k = slice - n * S;
-    scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
-    scalar_t x0, x1, x2;
-    maths::apply_affine(M, scalar_t(k), scalar_t(i), scalar_t(j), x0, x1, x2);
-    int64_t off[8];
-    scalar_t wt[8];
-    if (!maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt)) continue;
-    for (int64_t bc = 0; bc < BC; ++bc) {
-      const scalar_t g = scale * ldg(grad + (bc * N + n) * S + k);
-      if (g != scalar_t(0)) scatter_corners(out + bc * vol_size, off, wt, g);
-    }
+struct RadonGrad {
+  const scalar_t* grad;  // (B, C, N, S), contiguous
+  int64_t C, N, S;
+  scalar_t scale;
+  __device__ __forceinline__ scalar_t operator()(int64_t b, int64_t c, int64_t n, int64_t k, int32_t) const {
+    return scale * ldg(grad + ((b * C + c) * N + n) * S + k);
   }
-}
+};
 
 at::Tensor radon_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, int64_t n_slices, int64_t height,
                       int64_t width, double scale) {
@@ -138,11 +119,9 @@ at::Tensor radon_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps
   if (grad.numel() == 0) return out;
   alert_atomic_scatter("tonno_fast::radon_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::radon_backward (CUDA)", [&] {
-    const dim3 grid(blocks_for(height * width, kThreads), grid_yz(N * S));
-    radon_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B * C,
-        D, H, W, N, S, static_cast<int32_t>(height), static_cast<int32_t>(width), static_cast<scalar_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_scatter_slices<scalar_t>(
+        RadonGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), C, N, S, static_cast<scalar_t>(scale)}, maps, out, S,
+        height, width);
   });
   return out;
 }

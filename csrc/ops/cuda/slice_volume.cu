@@ -42,8 +42,7 @@ __global__ void slice_volume_kernel(const scalar_t* __restrict__ volume, const s
     const int64_t n = slice / S;
     const int64_t k = slice - n * S;
     scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
+    load_map(maps, n, M);
     // Continuous volume index of each of the VEC pixels: computed once, kept in registers.
     scalar_t x0[VEC], x1[VEC], x2[VEC];
 #pragma unroll
@@ -74,37 +73,16 @@ __global__ void slice_volume_kernel(const scalar_t* __restrict__ volume, const s
   }
 }
 
-// Adjoint: one thread per pixel (grid as above with VEC = 1); corners computed once per pixel and reused
-// for every (b, c). atomicAdd: see the file comment.
+// Adjoint (scatter_slices_kernel of common.cuh): the value scattered by pixel p of slice (n, k) into
+// volume (b, c) is grad[b, n, k, c, p]. atomicAdd: see the file comment.
 template <typename scalar_t>
-__global__ void slice_volume_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ maps,
-                                             scalar_t* __restrict__ out, int64_t B, int64_t C, int64_t D,
-                                             int64_t H, int64_t W, int64_t N, int64_t S, int32_t h, int32_t w) {
-  const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= h * w) return;
-  const int32_t i = p / w;
-  const int32_t j = p - i * w;
-  const int64_t plane = int64_t(h) * w;
-  const int64_t vol_size = D * H * W;
-  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
-    const int64_t n = slice / S;
-    const int64_t k = slice - n * S;
-    scalar_t M[12];
-#pragma unroll
-    for (int q = 0; q < 12; ++q) M[q] = ldg(maps + n * 12 + q);
-    scalar_t x0, x1, x2;
-    maths::apply_affine(M, scalar_t(k), scalar_t(i), scalar_t(j), x0, x1, x2);
-    int64_t off[8];
-    scalar_t wt[8];
-    if (!maths::trilinear_corners(D, H, W, H * W, W, int64_t(1), x0, x1, x2, off, wt)) continue;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t g = ldg(grad + (((b * N + n) * S + k) * C + c) * plane + p);
-        if (g != scalar_t(0)) scatter_corners(out + (b * C + c) * vol_size, off, wt, g);
-      }
-    }
+struct SliceVolumeGrad {
+  const scalar_t* grad;  // (B, N, S, C, h, w), contiguous
+  int64_t C, N, S, plane;  // plane = h * w
+  __device__ __forceinline__ scalar_t operator()(int64_t b, int64_t c, int64_t n, int64_t k, int32_t p) const {
+    return ldg(grad + (((b * N + n) * S + k) * C + c) * plane + p);
   }
-}
+};
 
 constexpr int kThreads = 256;
 
@@ -182,11 +160,8 @@ at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   if (grad.numel() == 0) return out;
   alert_atomic_scatter("tonno_fast::slice_volume_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::slice_volume_backward (CUDA)", [&] {
-    const dim3 grid(blocks_for(h * w, kThreads), grid_yz(N * S));
-    slice_volume_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, C,
-        D, H, W, N, S, static_cast<int32_t>(h), static_cast<int32_t>(w));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_scatter_slices<scalar_t>(SliceVolumeGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), C, N, S, h * w}, maps,
+                                    out, S, h, w);
   });
   return out;
 }
