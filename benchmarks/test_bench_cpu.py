@@ -127,28 +127,23 @@ def _time_backward(run_case, case, backend, forward, inputs, work, unit, rounds)
              rounds=rounds)
 
 
+# The two ops that sample slices: the same geometry, volume and work (samples); radon adds its scale.
+SLICE_OPS = {
+    "slice_volume": lambda be, vol, maps, g: be.slice_volume(vol, maps, g.n_slices, g.height, g.width),
+    "radon": lambda be, vol, maps, g: be.radon(vol, maps, g.n_slices, g.height, g.width, 1.0),
+}
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_slice_volume_backward(run_case, backend):
+@pytest.mark.parametrize("op", list(SLICE_OPS))
+def test_slice_op_backward(run_case, op, backend):
     g = _geometry(64)
     vol = _volume(64).requires_grad_()
     maps = g.slice_maps(dtype=torch.float32)
     be = BACKENDS[backend]
     work = g.n_directions * g.n_slices * g.height * g.width
-    _time_backward(run_case, "backward slice_volume 64^3 x64 dirs default", backend,
-                   lambda: be.slice_volume(vol, maps, g.n_slices, g.height, g.width), (vol,), work, "sampl/s",
-                   ROUNDS[backend])
-
-
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_radon_backward(run_case, backend):
-    g = _geometry(64)
-    vol = _volume(64).requires_grad_()
-    maps = g.slice_maps(dtype=torch.float32)
-    be = BACKENDS[backend]
-    work = g.n_directions * g.n_slices * g.height * g.width
-    _time_backward(run_case, "backward radon 64^3 x64 dirs default", backend,
-                   lambda: be.radon(vol, maps, g.n_slices, g.height, g.width, 1.0), (vol,), work, "sampl/s",
-                   ROUNDS[backend])
+    _time_backward(run_case, f"backward {op} 64^3 x64 dirs default", backend,
+                   lambda: SLICE_OPS[op](be, vol, maps, g), (vol,), work, "sampl/s", ROUNDS[backend])
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -235,34 +235,38 @@ def test_adjoint_affine_grid_sample(align_corners):
 # ---------------------------------------------------------------------------------------------------------
 # Autograd: gradcheck in float64 (first and second order for the linear ops), gradients vs the reference.
 
-def test_gradcheck_slice_volume(tiny):
-    x = rand(1, 2, *tiny.volume_shape).requires_grad_()
+def _slice_volume_fn(tiny):
     maps = tiny.slice_maps()
-    f = lambda v: native.slice_volume(v, maps, tiny.n_slices, tiny.height, tiny.width, 0.3)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
+    return (rand(1, 2, *tiny.volume_shape),
+            lambda v: native.slice_volume(v, maps, tiny.n_slices, tiny.height, tiny.width, 0.3))
 
 
-def test_gradcheck_radon(tiny):
-    x = rand(2, 1, *tiny.volume_shape).requires_grad_()
+def _radon_fn(tiny):
     maps = tiny.slice_maps()
-    f = lambda v: native.radon(v, maps, tiny.n_slices, tiny.height, tiny.width, 0.5)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
+    return rand(2, 1, *tiny.volume_shape), lambda v: native.radon(v, maps, tiny.n_slices, tiny.height, tiny.width, 0.5)
 
 
-def test_gradcheck_backproject(tiny):
-    x = rand(1, 2, tiny.n_directions, tiny.n_slices).requires_grad_()
+def _backproject_fn(tiny):
     maps, w = tiny.volume_maps(), tiny.weights
-    f = lambda s: native.backproject(s, maps, w, tiny.volume_shape)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
+    return (rand(1, 2, tiny.n_directions, tiny.n_slices),
+            lambda s: native.backproject(s, maps, w, tiny.volume_shape))
 
 
-def test_gradcheck_backproject_slices(tiny):
-    x = rand(1, 1, tiny.n_directions, tiny.n_slices, tiny.height, tiny.width).requires_grad_()
+def _backproject_slices_fn(tiny):
     maps, w = tiny.volume_maps(), tiny.weights
-    f = lambda s: native.backproject_slices(s, maps, w, tiny.volume_shape)  # noqa: E731
+    return (rand(1, 1, tiny.n_directions, tiny.n_slices, tiny.height, tiny.width),
+            lambda s: native.backproject_slices(s, maps, w, tiny.volume_shape))
+
+
+# The linear ops: (float64 input, op as a function of it) on the ``tiny`` geometry.
+LINEAR_FNS = {"slice_volume": _slice_volume_fn, "radon": _radon_fn, "backproject": _backproject_fn,
+              "backproject_slices": _backproject_slices_fn}
+
+
+@pytest.mark.parametrize("op", list(LINEAR_FNS))
+def test_gradcheck_linear(op, tiny):
+    x, f = LINEAR_FNS[op](tiny)
+    x.requires_grad_()
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
 

@@ -123,6 +123,16 @@ def _dot(a, b):
     return float((a.double() * b.double()).sum())
 
 
+def _reference_vjp(fn, x):
+    """A random cotangent ``gy`` (seed 1, ``x``'s dtype) of the reference op ``fn`` at ``x`` and the reference
+    gradient ``(d fn / d x)^T gy`` by autograd: what the backward kernels must return."""
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    gy = _randn(*y.shape, dtype=x.dtype, seed=1)
+    (dx,) = torch.autograd.grad(y, x, gy)
+    return gy, dx
+
+
 def _native():
     """The compiled backend module (fake kernels + autograd registration); skip when it cannot load."""
     from tonno_fast.backend import BackendUnavailable, get_backend
@@ -238,14 +248,12 @@ class TestOnGPU:
     def test_slice_volume_backward(self, geom):
         g = GEOMS[geom]
         dt = torch.float64
-        vol = _randn(2, 3, *g.volume_shape, dtype=dt).requires_grad_()
+        x = _randn(2, 3, *g.volume_shape, dtype=dt)
         maps = _maps(g, dt)
-        y = R.slice_volume(vol, maps, g.n_slices, g.height, g.width, 0.3)
-        gy = _randn(*y.shape, dtype=dt, seed=1)
-        (expect,) = torch.autograd.grad(y, vol, gy)
+        gy, expect = _reference_vjp(lambda v: R.slice_volume(v, maps, g.n_slices, g.height, g.width, 0.3), x)
         out = _ops().slice_volume_backward(gy, maps, list(g.volume_shape))
         _assert_close(out, expect, TOL[dt])  # fill (0.3) is a constant: no gradient
-        x = vol.detach()  # the dot-product test needs the linear map: fill = 0
+        # the dot-product test needs the linear map: fill = 0
         ax = _ops().slice_volume(x, maps, g.n_slices, g.height, g.width, 0.0, None)
         assert math.isclose(_dot(ax, gy), _dot(x, out), rel_tol=1e-10)
 
@@ -253,44 +261,38 @@ class TestOnGPU:
     def test_radon_backward(self, geom):
         g = GEOMS[geom]
         dt = torch.float64
-        vol = _randn(2, 3, *g.volume_shape, dtype=dt).requires_grad_()
+        vol = _randn(2, 3, *g.volume_shape, dtype=dt)
         maps = _maps(g, dt)
-        y = R.radon(vol, maps, g.n_slices, g.height, g.width, g.pixel_area)
-        gy = _randn(*y.shape, dtype=dt, seed=1)
-        (expect,) = torch.autograd.grad(y, vol, gy)
+        gy, expect = _reference_vjp(lambda v: R.radon(v, maps, g.n_slices, g.height, g.width, g.pixel_area), vol)
         out = _ops().radon_backward(gy, maps, g.height, g.width, g.pixel_area, list(g.volume_shape))
         _assert_close(out, expect, TOL[dt])
-        ax = _ops().radon(vol.detach(), maps, g.n_slices, g.height, g.width, g.pixel_area)
-        assert math.isclose(_dot(ax, gy), _dot(vol.detach(), out), rel_tol=1e-10)
+        ax = _ops().radon(vol, maps, g.n_slices, g.height, g.width, g.pixel_area)
+        assert math.isclose(_dot(ax, gy), _dot(vol, out), rel_tol=1e-10)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("geom", sorted(GEOMS))
     def test_backproject_backward(self, dtype, geom):
         g = GEOMS[geom]
-        sino = _randn(2, 3, g.n_directions, g.n_slices, dtype=torch.float64).requires_grad_()
+        sino = _randn(2, 3, g.n_directions, g.n_slices, dtype=torch.float64)
         maps64, w64 = _maps(g, torch.float64, "volume"), g.weights.to(DEV, torch.float64)
-        y = R.backproject(sino, maps64, w64, g.volume_shape)
-        gy = _randn(*y.shape, dtype=torch.float64, seed=1)
-        (expect,) = torch.autograd.grad(y, sino, gy)
+        gy, expect = _reference_vjp(lambda s: R.backproject(s, maps64, w64, g.volume_shape), sino)
         out = _ops().backproject_backward(gy.to(dtype), maps64.to(dtype), w64.to(dtype), g.n_slices)
         _assert_close(out, expect.to(dtype), TOL[dtype])
         if dtype == torch.float64:
-            ax = _ops().backproject(sino.detach(), maps64, w64, list(g.volume_shape))
-            assert math.isclose(_dot(ax, gy), _dot(sino.detach(), out), rel_tol=1e-10)
+            ax = _ops().backproject(sino, maps64, w64, list(g.volume_shape))
+            assert math.isclose(_dot(ax, gy), _dot(sino, out), rel_tol=1e-10)
 
     @pytest.mark.parametrize("geom", sorted(GEOMS))
     def test_backproject_slices_backward(self, geom):
         g = GEOMS[geom]
         dt = torch.float64
-        stacks = _randn(1, 5, g.n_directions, g.n_slices, g.height, g.width, dtype=dt).requires_grad_()
+        stacks = _randn(1, 5, g.n_directions, g.n_slices, g.height, g.width, dtype=dt)
         maps, w = _maps(g, dt, "volume"), g.weights.to(DEV, dt)
-        y = R.backproject_slices(stacks, maps, w, g.volume_shape)
-        gy = _randn(*y.shape, dtype=dt, seed=1)
-        (expect,) = torch.autograd.grad(y, stacks, gy)
+        gy, expect = _reference_vjp(lambda st: R.backproject_slices(st, maps, w, g.volume_shape), stacks)
         out = _ops().backproject_slices_backward(gy, maps, w, [g.n_slices, g.height, g.width])
         _assert_close(out, expect, TOL[dt])
-        ax = _ops().backproject_slices(stacks.detach(), maps, w, list(g.volume_shape))
-        assert math.isclose(_dot(ax, gy), _dot(stacks.detach(), out), rel_tol=1e-10)
+        ax = _ops().backproject_slices(stacks, maps, w, list(g.volume_shape))
+        assert math.isclose(_dot(ax, gy), _dot(stacks, out), rel_tol=1e-10)
 
     @pytest.mark.parametrize("align_corners", [False, True])
     @pytest.mark.parametrize("out_size", [(6, 7, 8), (1, 9, 5)])

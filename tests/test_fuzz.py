@@ -217,15 +217,42 @@ def compare(case, backend, make_input, op):
 # ------------------------------------------------------------------------------------------------------------
 # Backends against the reference
 # ------------------------------------------------------------------------------------------------------------
+def _slice_volume_case(case, g):
+    return (lambda: case.rand(case.batch, case.channels, *case.shape),
+            lambda v, backend: ops.slice_volume(v, g, fill=case.fill, backend=backend))
+
+
+def _radon_case(case, g):
+    return (lambda: case.rand(case.batch, case.channels, *case.shape),
+            lambda v, backend: ops.radon(v, g, backend=backend))
+
+
+def _backproject_case(case, g):
+    w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) + 0.5
+    return (lambda: case.rand(case.batch, case.channels, g.n_directions, g.n_slices),
+            lambda s, backend: ops.backproject(s, g, weights=w, backend=backend))
+
+
+def _backproject_slices_case(case, g):
+    w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) - 0.5
+    shape = (case.batch, case.channels, g.n_directions, g.n_slices, g.height, g.width)
+    return (lambda: case.rand(*shape),
+            lambda s, backend: ops.backproject_slices(s, g, weights=w, backend=backend))
+
+
+# (make_input, op) of ``compare`` for each operator, from a drawn case and its geometry.
+OP_CASES = {"slice_volume": _slice_volume_case, "radon": _radon_case, "backproject": _backproject_case,
+            "backproject_slices": _backproject_slices_case}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_slice_volume_matches_reference(backend):
+@pytest.mark.parametrize("op", list(OP_CASES))
+def test_op_matches_reference(backend, op):
     @(FUZZ_TRITON if _interpreted(backend) else FUZZ)
     @examples_for(backend)
     @given(case=_case_for(backend))
     def check(case):
-        g = case.geometry()
-        compare(case, backend, lambda: case.rand(case.batch, case.channels, *case.shape),
-                lambda v, backend: ops.slice_volume(v, g, fill=case.fill, backend=backend))
+        compare(case, backend, *OP_CASES[op](case, case.geometry()))
     check()
 
 
@@ -244,45 +271,6 @@ def test_slice_volume_low_precision_output(backend, out_dtype):
         ulp = torch.finfo(out_dtype).eps  # relative spacing of the low-precision format
         scale = max(1.0, float(exact.abs().max()))
         torch.testing.assert_close(got.cpu().to(exact.dtype), exact, rtol=ulp, atol=ulp * 1e-2 * scale)
-    check()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_radon_matches_reference(backend):
-    @(FUZZ_TRITON if _interpreted(backend) else FUZZ)
-    @examples_for(backend)
-    @given(case=_case_for(backend))
-    def check(case):
-        g = case.geometry()
-        compare(case, backend, lambda: case.rand(case.batch, case.channels, *case.shape),
-                lambda v, backend: ops.radon(v, g, backend=backend))
-    check()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backproject_matches_reference(backend):
-    @(FUZZ_TRITON if _interpreted(backend) else FUZZ)
-    @examples_for(backend)
-    @given(case=_case_for(backend))
-    def check(case):
-        g = case.geometry()
-        w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) + 0.5
-        compare(case, backend, lambda: case.rand(case.batch, case.channels, g.n_directions, g.n_slices),
-                lambda s, backend: ops.backproject(s, g, weights=w, backend=backend))
-    check()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backproject_slices_matches_reference(backend):
-    @(FUZZ_TRITON if _interpreted(backend) else FUZZ)
-    @examples_for(backend)
-    @given(case=_case_for(backend))
-    def check(case):
-        g = case.geometry()
-        w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) - 0.5
-        shape = (case.batch, case.channels, g.n_directions, g.n_slices, g.height, g.width)
-        compare(case, backend, lambda: case.rand(*shape),
-                lambda s, backend: ops.backproject_slices(s, g, weights=w, backend=backend))
     check()
 
 

@@ -61,6 +61,17 @@ def randn(*shape, dtype=torch.float64, seed=0):
     return torch.randn(*shape, generator=g, dtype=dtype)
 
 
+def both(fn_t, fn_r, x, cot_seed):
+    """The Triton op ``fn_t`` and the reference ``fn_r`` agree at ``x``, and so do their gradients for a random
+    cotangent (seed ``cot_seed``, ``x``'s dtype). Returns both outputs."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = fn_t(x1), fn_r(x2)
+    close(out, ref)
+    cot = randn(*ref.shape, dtype=x.dtype, seed=cot_seed)
+    close(torch.autograd.grad(out, x1, cot)[0], torch.autograd.grad(ref, x2, cot)[0])
+    return out, ref
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backend plumbing
 
@@ -197,13 +208,8 @@ def test_slice_volume_replicated_channels_gradient(geo):
     dtype = torch.float64
     sm, _, _ = maps_of(geo, dtype)
     vol = randn(1, 2, *SHAPE, dtype=dtype)
-    v1 = vol.clone().requires_grad_()
-    out = TB.slice_volume(v1, sm, geo.n_slices, geo.height, geo.width, replicate_channels=3)
-    v2 = vol.clone().requires_grad_()
-    ref = R.slice_volume(v2, sm, geo.n_slices, geo.height, geo.width).repeat_interleave(3, dim=3)
-    close(out.detach(), ref.detach())
-    cot = randn(*ref.shape, dtype=dtype, seed=5)
-    close(torch.autograd.grad(out, v1, cot)[0], torch.autograd.grad(ref, v2, cot)[0])
+    both(lambda v: TB.slice_volume(v, sm, geo.n_slices, geo.height, geo.width, replicate_channels=3),
+         lambda v: R.slice_volume(v, sm, geo.n_slices, geo.height, geo.width).repeat_interleave(3, dim=3), vol, 5)
 
 
 def test_nan_maps_read_nothing():
@@ -224,15 +230,10 @@ def test_nan_maps_read_nothing():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_radon_forward_and_backward(geo, dtype):
     sm, _, _ = maps_of(geo, dtype)
-    vol = randn(2, 2, *SHAPE, dtype=dtype)
-    v1 = vol.clone().requires_grad_()
-    v2 = vol.clone().requires_grad_()
-    out = TB.radon(v1, sm, geo.n_slices, geo.height, geo.width, geo.pixel_area)
-    ref = R.radon(v2, sm, geo.n_slices, geo.height, geo.width, geo.pixel_area)
+    args = (geo.n_slices, geo.height, geo.width, geo.pixel_area)
+    out, _ = both(lambda v: TB.radon(v, sm, *args), lambda v: R.radon(v, sm, *args),
+                  randn(2, 2, *SHAPE, dtype=dtype), 7)
     assert out.shape == (2, 2, 3, 5)
-    close(out, ref)
-    cot = randn(*ref.shape, dtype=dtype, seed=7)
-    close(torch.autograd.grad(out, v1, cot)[0], torch.autograd.grad(ref, v2, cot)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,14 +245,8 @@ def test_backproject_forward_and_backward(geo, dtype):
     # Non-contiguous sinogram; B·K = 6 also exercises a partial batch-channel tile.
     sino = randn(2, 5, 3, 3, dtype=dtype, seed=11).permute(0, 3, 2, 1)  # (B=2, K=3, N=3, S=5)
     assert not sino.is_contiguous()
-    s1 = sino.clone().requires_grad_()
-    s2 = sino.clone().requires_grad_()
-    out = TB.backproject(s1, vm, w, SHAPE)
-    ref = R.backproject(s2, vm, w, SHAPE)
+    out, _ = both(lambda s: TB.backproject(s, vm, w, SHAPE), lambda s: R.backproject(s, vm, w, SHAPE), sino, 13)
     assert out.shape == (2, 3, *SHAPE)
-    close(out, ref)
-    cot = randn(*ref.shape, dtype=dtype, seed=13)
-    close(torch.autograd.grad(out, s1, cot)[0], torch.autograd.grad(ref, s2, cot)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,13 +256,8 @@ def test_backproject_forward_and_backward(geo, dtype):
 def test_backproject_slices_forward_and_backward(geo, dtype):
     _, vm, w = maps_of(geo, dtype)
     stacks = randn(1, 2, 3, 5, 6, 14, dtype=dtype, seed=17)[..., ::2]  # non-contiguous last axis
-    s1 = stacks.clone().requires_grad_()
-    s2 = stacks.clone().requires_grad_()
-    out = TB.backproject_slices(s1, vm, w, SHAPE)
-    ref = R.backproject_slices(s2, vm, w, SHAPE)
-    close(out, ref)
-    cot = randn(*ref.shape, dtype=dtype, seed=19)
-    close(torch.autograd.grad(out, s1, cot)[0], torch.autograd.grad(ref, s2, cot)[0])
+    both(lambda s: TB.backproject_slices(s, vm, w, SHAPE), lambda s: R.backproject_slices(s, vm, w, SHAPE),
+         stacks, 19)
 
 
 def _laplacian_along_slices(stacks, spacing):
@@ -279,15 +269,10 @@ def _laplacian_along_slices(stacks, spacing):
 def test_backproject_slices_fused_laplacian(geo, dtype):
     _, vm, w = maps_of(geo, dtype)
     stacks = randn(2, 1, 3, 5, 6, 7, dtype=dtype, seed=23)
-    s1 = stacks.clone().requires_grad_()
-    s2 = stacks.clone().requires_grad_()
-    out = TB.backproject_slices(s1, vm, w, SHAPE, laplacian_spacing=0.8)
-    ref = R.backproject_slices(_laplacian_along_slices(s2, 0.8), vm, w, SHAPE)
-    close(out, ref)
     # The edge-replicated laplacian is not symmetric at the first/last slice: the fused adjoint must be
-    # its transpose there too.
-    cot = randn(*ref.shape, dtype=dtype, seed=29)
-    close(torch.autograd.grad(out, s1, cot)[0], torch.autograd.grad(ref, s2, cot)[0])
+    # its transpose there too (the gradient check of `both`).
+    both(lambda s: TB.backproject_slices(s, vm, w, SHAPE, laplacian_spacing=0.8),
+         lambda s: R.backproject_slices(_laplacian_along_slices(s, 0.8), vm, w, SHAPE), stacks, 29)
 
 
 def test_fused_laplacian_of_constant_stack_is_zero(geo):
@@ -343,13 +328,6 @@ def test_small_blocks_and_many_tiles(monkeypatch):
     geo = tf.make_geometry(shape, directions=[[0, 0, 1], [1, 2, 3]], n_slices=3, slice_size=(4, 5))
     sm, vm, w = maps_of(geo, torch.float64)
     S, h, wd = geo.n_slices, geo.height, geo.width
-
-    def both(fn_t, fn_r, x, cot_seed):
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out, ref = fn_t(x1), fn_r(x2)
-        close(out, ref)
-        cot = randn(*ref.shape, seed=cot_seed)
-        close(torch.autograd.grad(out, x1, cot)[0], torch.autograd.grad(ref, x2, cot)[0])
 
     vol = randn(1, 1, *shape, seed=71)
     both(lambda v: TB.slice_volume(v, sm, S, h, wd, 0.3), lambda v: R.slice_volume(v, sm, S, h, wd, 0.3), vol, 1)

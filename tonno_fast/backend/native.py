@@ -190,115 +190,51 @@ def _register() -> None:
         if any(ctx.needs_input_grad[i] for i in indices):
             raise RuntimeError(f"tonno_fast: {what} are not differentiable; pass them detached")
 
-    def setup_slice(ctx, inputs, output):
-        volume, maps, n_slices, height, width, fill, out_dtype = inputs
-        ctx.volume_shape = list(volume.shape[2:])
-        ctx.volume_dtype = volume.dtype
-        ctx.save_for_backward(maps)
+    def register_linear(name, adjoint, n_geometry, what, adjoint_args):
+        """Autograd of linear op ``name``: its inputs are ``(x, *geometry, *params)`` with ``n_geometry``
+        geometry tensors (``what``, not differentiable), and its gradient is
+        ``adjoint(grad, *geometry, *adjoint_args(*inputs))``."""
 
-    def backward_slice(ctx, grad):
-        _no_geometry_grad(ctx, [1], "slice maps")
-        (maps,) = ctx.saved_tensors
-        gv = None
-        if ctx.needs_input_grad[0]:  # grad arrives in out_dtype (e.g. bf16): the adjoint runs in the volume's
-            gv = ops.slice_volume_backward(grad.to(ctx.volume_dtype), maps, ctx.volume_shape)
-        return gv, None, None, None, None, None, None
+        def setup(ctx, inputs, output):
+            ctx.n_inputs = len(inputs)
+            # slice_volume may write bf16/fp16 (out_dtype), so its grad arrives in that dtype: the adjoint
+            # runs in the input's dtype (a no-op cast for every other op, whose output dtype is the input's).
+            ctx.x_dtype = inputs[0].dtype
+            ctx.adjoint_args = adjoint_args(*inputs)
+            ctx.save_for_backward(*inputs[1:1 + n_geometry])
 
-    torch.library.register_autograd(lib + "slice_volume", backward_slice, setup_context=setup_slice)
+        def backward(ctx, grad):
+            _no_geometry_grad(ctx, range(1, 1 + n_geometry), what)
+            gx = None
+            if ctx.needs_input_grad[0]:
+                gx = adjoint(grad.to(ctx.x_dtype), *ctx.saved_tensors, *ctx.adjoint_args)
+            return (gx,) + (None,) * (ctx.n_inputs - 1)
 
-    def setup_slice_bw(ctx, inputs, output):
-        grad, maps, volume_shape = inputs
-        ctx.sizes = (grad.shape[2], grad.shape[4], grad.shape[5])
-        ctx.save_for_backward(maps)
+        torch.library.register_autograd(lib + name, backward, setup_context=setup)
 
-    def backward_slice_bw(ctx, gg):
-        _no_geometry_grad(ctx, [1], "slice maps")
-        (maps,) = ctx.saved_tensors
-        S, h, w = ctx.sizes
-        out = ops.slice_volume(gg, maps, S, h, w, 0.0, None) if ctx.needs_input_grad[0] else None
-        return out, None, None
-
-    torch.library.register_autograd(lib + "slice_volume_backward", backward_slice_bw, setup_context=setup_slice_bw)
-
-    def setup_radon(ctx, inputs, output):
-        volume, maps, n_slices, height, width, scale = inputs
-        ctx.args = (height, width, scale, list(volume.shape[2:]))
-        ctx.save_for_backward(maps)
-
-    def backward_radon(ctx, grad):
-        _no_geometry_grad(ctx, [1], "slice maps")
-        (maps,) = ctx.saved_tensors
-        gv = ops.radon_backward(grad, maps, *ctx.args) if ctx.needs_input_grad[0] else None
-        return gv, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "radon", backward_radon, setup_context=setup_radon)
-
-    def setup_radon_bw(ctx, inputs, output):
-        grad, maps, height, width, scale, volume_shape = inputs
-        ctx.args = (grad.shape[3], height, width, scale)
-        ctx.save_for_backward(maps)
-
-    def backward_radon_bw(ctx, gg):
-        _no_geometry_grad(ctx, [1], "slice maps")
-        (maps,) = ctx.saved_tensors
-        out = ops.radon(gg, maps, *ctx.args) if ctx.needs_input_grad[0] else None
-        return out, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "radon_backward", backward_radon_bw, setup_context=setup_radon_bw)
-
-    def setup_bp(ctx, inputs, output):
-        sinogram, maps, weights, volume_shape = inputs
-        ctx.n_slices = sinogram.shape[3]
-        ctx.save_for_backward(maps, weights)
-
-    def backward_bp(ctx, grad):
-        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
-        maps, weights = ctx.saved_tensors
-        gs = ops.backproject_backward(grad, maps, weights, ctx.n_slices) if ctx.needs_input_grad[0] else None
-        return gs, None, None, None
-
-    torch.library.register_autograd(lib + "backproject", backward_bp, setup_context=setup_bp)
-
-    def setup_bp_bw(ctx, inputs, output):
-        grad, maps, weights, n_slices = inputs
-        ctx.volume_shape = list(grad.shape[2:])
-        ctx.save_for_backward(maps, weights)
-
-    def backward_bp_bw(ctx, gg):
-        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
-        maps, weights = ctx.saved_tensors
-        out = ops.backproject(gg, maps, weights, ctx.volume_shape) if ctx.needs_input_grad[0] else None
-        return out, None, None, None
-
-    torch.library.register_autograd(lib + "backproject_backward", backward_bp_bw, setup_context=setup_bp_bw)
-
-    def setup_bps(ctx, inputs, output):
-        stacks, maps, weights, volume_shape = inputs
-        ctx.stack_shape = list(stacks.shape[3:])
-        ctx.save_for_backward(maps, weights)
-
-    def backward_bps(ctx, grad):
-        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
-        maps, weights = ctx.saved_tensors
-        gs = (ops.backproject_slices_backward(grad, maps, weights, ctx.stack_shape)
-              if ctx.needs_input_grad[0] else None)
-        return gs, None, None, None
-
-    torch.library.register_autograd(lib + "backproject_slices", backward_bps, setup_context=setup_bps)
-
-    def setup_bps_bw(ctx, inputs, output):
-        grad, maps, weights, stack_shape = inputs
-        ctx.volume_shape = list(grad.shape[2:])
-        ctx.save_for_backward(maps, weights)
-
-    def backward_bps_bw(ctx, gg):
-        _no_geometry_grad(ctx, [1, 2], "volume maps and weights")
-        maps, weights = ctx.saved_tensors
-        out = ops.backproject_slices(gg, maps, weights, ctx.volume_shape) if ctx.needs_input_grad[0] else None
-        return out, None, None, None
-
-    torch.library.register_autograd(lib + "backproject_slices_backward", backward_bps_bw,
-                                    setup_context=setup_bps_bw)
+    # Each linear op and its adjoint op, with the adjoint's non-geometry arguments taken from the op's inputs
+    # (shapes the adjoint cannot infer from its own input). The adjoint of an adjoint op is the forward op.
+    slice_maps, volume_geometry = "slice maps", "volume maps and weights"
+    linear_ops = [
+        ("slice_volume", ops.slice_volume_backward, 1, slice_maps,
+         lambda volume, maps, n_slices, height, width, fill, out_dtype: (list(volume.shape[2:]),)),
+        ("slice_volume_backward", ops.slice_volume, 1, slice_maps,
+         lambda grad, maps, volume_shape: (grad.shape[2], grad.shape[4], grad.shape[5], 0.0, None)),
+        ("radon", ops.radon_backward, 1, slice_maps,
+         lambda volume, maps, n_slices, height, width, scale: (height, width, scale, list(volume.shape[2:]))),
+        ("radon_backward", ops.radon, 1, slice_maps,
+         lambda grad, maps, height, width, scale, volume_shape: (grad.shape[3], height, width, scale)),
+        ("backproject", ops.backproject_backward, 2, volume_geometry,
+         lambda sinogram, maps, weights, volume_shape: (sinogram.shape[3],)),
+        ("backproject_backward", ops.backproject, 2, volume_geometry,
+         lambda grad, maps, weights, n_slices: (list(grad.shape[2:]),)),
+        ("backproject_slices", ops.backproject_slices_backward, 2, volume_geometry,
+         lambda stacks, maps, weights, volume_shape: (list(stacks.shape[3:]),)),
+        ("backproject_slices_backward", ops.backproject_slices, 2, volume_geometry,
+         lambda grad, maps, weights, stack_shape: (list(grad.shape[2:]),)),
+    ]
+    for entry in linear_ops:
+        register_linear(*entry)
 
     def setup_affine(ctx, inputs, output):
         volume, theta, size, align_corners = inputs

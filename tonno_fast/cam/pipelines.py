@@ -17,7 +17,7 @@ rounding of a float32 running sum.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -141,25 +141,42 @@ def _finish_output(acc: torch.Tensor, dtype, ndim: int, normalize) -> torch.Tens
     return out
 
 
-def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_transform, filter, window,
-                   n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices,
-                   normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings):
-    """Averaged (``filter="none"``) and Tomographic CAM share everything but the filter."""
-    check_filter(filter, window)
+class _Start(NamedTuple):
+    """The arguments every pipeline checks and resolves first (see :func:`_start`)."""
+    normalize: Optional[str]  # None, "minmax" or "max"
+    budget: int  # max_memory in bytes
+    vol: torch.Tensor  # (B, C, D, H, W)
+    ndim: int  # dimensions of the caller's volume (3: return (D, H, W) for a single output)
+    enc: Encoder  # with the targets applied
+    batch_size: int  # slices per model call
+    compute: Callable[[torch.Tensor], torch.Tensor]  # slices (n, C', h, w) -> CAMs (n, K, h, w)
+
+
+def _start(volume, encoder, *, target_layers, method, targets, reshape_transform, normalize, batch_size,
+           max_memory, allow_nonfinite) -> _Start:
     normalize = _check_normalize(normalize)
     budget = _check_max_memory(max_memory)
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     enc = _cam_encoder(encoder, targets)
     bs = resolve_batch_size(batch_size, enc)
     cam = resolve_method(method, target_layers, reshape_transform)
+    return _Start(normalize, budget, vol, ndim, enc, bs, lambda x: cam(enc, x))
+
+
+def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_transform, filter, window,
+                   n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices,
+                   normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings):
+    """Averaged (``filter="none"``) and Tomographic CAM share everything but the filter."""
+    check_filter(filter, window)
+    normalize, budget, vol, ndim, enc, bs, compute = _start(
+        volume, encoder, target_layers=target_layers, method=method, targets=targets,
+        reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
+        allow_nonfinite=allow_nonfinite)
     geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
                              weights=weights, slice_size=_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
                              slice_spacing=slice_spacing, n_slices=n_slices)
     prepared, fill, stats = enc.prepare_volume(vol, fill)
     slicer = GeometrySlicer(prepared, geometry, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
-
-    def compute(x):
-        return cam(enc, x)
 
     B = vol.shape[0]
     S, h, w = geometry.n_slices, geometry.height, geometry.width
@@ -274,21 +291,16 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     axial neighbours ``volume[k ± step]`` (``fill`` beyond the ends). Other arguments and the return value as
     :func:`averaged_cam`.
     """
-    normalize = _check_normalize(normalize)
-    budget = _check_max_memory(max_memory)
-    vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
-    enc = _cam_encoder(encoder, targets)
-    bs = resolve_batch_size(batch_size, enc)
-    cam = resolve_method(method, target_layers, reshape_transform)
+    normalize, budget, vol, ndim, enc, bs, compute = _start(
+        volume, encoder, target_layers=target_layers, method=method, targets=targets,
+        reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
+        allow_nonfinite=allow_nonfinite)
     size = _slice_size(slice_size, enc)
     if isinstance(size, int):
         size = (size, size)
     prepared, fill, stats = enc.prepare_volume(vol, fill)
     slicer = AxialSlicer(prepared, size, fill=fill, out_dtype=enc.slice_dtype)
     B, _, D, H, W = vol.shape
-
-    def compute(x):
-        return cam(enc, x)
 
     K = _probe(compute, enc, slicer, enc.slice_dtype or vol.dtype)
     out = {}

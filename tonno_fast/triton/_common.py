@@ -1,5 +1,5 @@
-"""Shared pieces of the Triton kernels: per-point maths (``@triton.jit`` helpers), op registration, launch
-heuristics.
+"""Shared pieces of the Triton kernels: per-point maths (``@triton.jit`` helpers), the voxel tiles of the
+backprojection kernels, op registration (with the autograd of forward/adjoint op pairs), launch heuristics.
 
 The ``@triton.jit`` helpers are the Triton transcription of ``csrc/include/tonno_fast/maths.h`` (one copy,
 used by every op module), with the same conventions as the reference backend:
@@ -36,6 +36,7 @@ import triton.language as tl
 
 __all__ = ["INTERPRETED", "NAMESPACE", "define_op", "launch", "pow2_block", "one_per_thread", "interpreter_block",
            "interpreter_block_bk", "scalars", "check_maps", "check_weights", "check_float", "alert_not_deterministic",
+           "register_linear_autograd", "voxel_coords", "voxel_tile", "row_offsets", "tile_offsets",
            "linear_taps", "linear_taps_dx", "apply_row", "bilinear_gather", "bilinear_scatter",
            "trilinear_gather", "trilinear_scatter", "trilinear_gather_with_grad"]
 
@@ -156,10 +157,64 @@ def check_weights(weights: torch.Tensor, n: int, like: torch.Tensor) -> torch.Te
     return weights.detach().to(device=like.device, dtype=like.dtype).contiguous()
 
 
+def register_linear_autograd(op, adjoint: str, n_geometry: int, adjoint_args: Callable) -> None:
+    """Autograd of the linear op ``op`` (a ``CustomOpDef``) whose inputs are ``(x, *geometry, *params)`` with
+    ``n_geometry`` geometry tensors (maps, weights: constants, detached by the public wrappers): the gradient
+    of ``x`` is ``tonno_fast_triton::<adjoint>(grad, *geometry, *adjoint_args(*inputs))``. Registering each
+    op of a forward/adjoint pair with the other as ``adjoint`` gives double backward too.
+
+    ``adjoint`` is looked up when the backward runs, so an op may name an adjoint registered after it."""
+
+    def setup(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+        ctx.adjoint_args = adjoint_args(*inputs)
+        ctx.save_for_backward(*inputs[1:1 + n_geometry])
+
+    def backward(ctx, grad):
+        gx = getattr(getattr(torch.ops, NAMESPACE), adjoint)(grad, *ctx.saved_tensors, *ctx.adjoint_args)
+        return (gx,) + (None,) * (ctx.n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
 def scalars(values, like: torch.Tensor) -> torch.Tensor:
     """Float parameters as a small tensor in ``like``'s dtype: a Python float passed to a compiled Triton
     kernel is a float32 scalar, which would round float64 parameters (fill, window bounds) to 1e-8."""
     return torch.tensor([float(v) for v in values], dtype=like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiles of the backprojection kernels: BLOCK_BK batch×channel rows × BLOCK_V flat voxels of a (D, H, W) volume.
+
+@triton.jit
+def voxel_coords(vox, H, W, ct):
+    """Float ``(d, h, w)`` (dtype ``ct``) of flat voxel indices ``vox`` of a ``(D, H, W)`` volume."""
+    return (vox // (H * W)).to(ct), ((vox // W) % H).to(ct), (vox % W).to(ct)
+
+
+@triton.jit
+def voxel_tile(pid, pbk, BK, D, H, W, ct, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Tile ``(pid, pbk)``: ``V = D·H·W`` (int64), the flat voxels ``vox`` ``(BLOCK_V,)`` and their float
+    coordinates ``fd, fh, fw``, the batch×channel rows ``bk`` ``(BLOCK_BK,)`` and the in-bounds mask
+    ``(BLOCK_BK, BLOCK_V)`` of the tile."""
+    V = tl.cast(D, tl.int64) * H * W
+    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    fd, fh, fw = voxel_coords(vox, H, W, ct)
+    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
+    return V, vox, fd, fh, fw, bk, (bk < BK)[:, None] & (vox < V)[None, :]
+
+
+@triton.jit
+def row_offsets(bk, K, sb, sk):
+    """``(BLOCK_BK, 1)`` offsets of rows ``bk = b·K + k`` of a tensor with batch/channel strides ``sb, sk``."""
+    return ((bk // K) * sb + (bk % K) * sk)[:, None]
+
+
+@triton.jit
+def tile_offsets(bk, K, vox, H, W, sb, sk, sd, sh, sw):
+    """``(BLOCK_BK, BLOCK_V)`` offsets of ``[b, k, d, h, w]`` in a (possibly non-contiguous) ``(B, K, D, H, W)``
+    tensor with strides ``sb, sk, sd, sh, sw``."""
+    return row_offsets(bk, K, sb, sk) + ((vox // (H * W)) * sd + ((vox // W) % H) * sh + (vox % W) * sw)[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------

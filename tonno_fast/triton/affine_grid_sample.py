@@ -31,8 +31,7 @@ import triton.language as tl
 
 from ._common import (INTERPRETED, alert_not_deterministic, apply_row, check_float, define_op, interpreter_block,
                       launch, linear_taps, linear_taps_dx, one_per_thread, pow2_block, trilinear_gather,
-                      trilinear_gather_with_grad, trilinear_scatter)
-from .backproject import _voxel_coords
+                      trilinear_gather_with_grad, trilinear_scatter, voxel_coords)
 
 __all__ = ["affine_grid_sample", "index_maps"]
 
@@ -80,7 +79,7 @@ def index_maps(theta: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence
 
 @triton.jit
 def _out_coords(maps_ptr, n, vox, Ho, Wo, D, H, W, ct):
-    fd, fh, fw = _voxel_coords(vox, Ho, Wo, ct)
+    fd, fh, fw = voxel_coords(vox, Ho, Wo, ct)
     m_ptr = maps_ptr + n * 12
     x0 = apply_row(m_ptr, 0, fd, fh, fw)
     x1 = apply_row(m_ptr, 1, fd, fh, fw)

@@ -37,33 +37,20 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRETED, alert_not_deterministic, apply_row, check_float, check_maps, check_weights,
-                      define_op, interpreter_block,
-                      interpreter_block_bk, launch, linear_taps, pow2_block)
+                      define_op, interpreter_block, interpreter_block_bk, launch, linear_taps, pow2_block,
+                      register_linear_autograd, row_offsets, tile_offsets, voxel_tile)
 
 __all__ = ["backproject", "backproject_backward"]
-
-
-@triton.jit
-def _voxel_coords(vox, H, W, ct):
-    """Float ``(d, h, w)`` of flat voxel indices ``vox`` of a ``(D, H, W)`` volume."""
-    return (vox // (H * W)).to(ct), ((vox // W) % H).to(ct), (vox % W).to(ct)
 
 
 @triton.jit
 def _backproject_kernel(sino_ptr, maps_ptr, wts_ptr, out_ptr,
                         BK, K, N, S, D, H, W, ssb, ssk, ssn, sss,
                         BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pbk = tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V = tl.cast(D, tl.int64) * H * W
-    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = vox < V
-    fd, fh, fw = _voxel_coords(vox, H, W, ct)
-    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
-    bkmask = bk < BK
-    rows = ((bk // K) * ssb + (bk % K) * ssk)[:, None]  # (BLOCK_BK, 1) sinogram row offsets
-    m2 = bkmask[:, None] & vmask[None, :]
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                                            BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
+    rows = row_offsets(bk, K, ssb, ssk)  # (BLOCK_BK, 1) sinogram row offsets
     acc = tl.zeros([BLOCK_BK, BLOCK_V], dtype=ct)
     m_ptr = maps_ptr
     w_ptr = wts_ptr
@@ -85,21 +72,14 @@ def _backproject_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, out_ptr,
                                 BK, K, N, S, D, H, W, sgb, sgk, sgd, sgh, sgw,
                                 BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
     """``out (B,K,N,S) += w_n · tap weight · g[b,k,x]`` for the voxels of one tile and one direction."""
-    pid = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
-    pbk = tl.program_id(2).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V = tl.cast(D, tl.int64) * H * W
-    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = vox < V
-    fd, fh, fw = _voxel_coords(vox, H, W, ct)
-    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
-    bkmask = bk < BK
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64),
+                                            BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
     t = apply_row(maps_ptr + n * 12, 0, fd, fh, fw)
     t0, t1, tw0, tw1 = linear_taps(t, S)
-    m2 = bkmask[:, None] & vmask[None, :] & ((tw0 + tw1) != 0)[None, :]
-    goff = ((bk // K) * sgb + (bk % K) * sgk)[:, None] + (
-        (vox // (H * W)) * sgd + ((vox // W) % H) * sgh + (vox % W) * sgw)[None, :]
+    m2 = m2 & ((tw0 + tw1) != 0)[None, :]
+    goff = tile_offsets(bk, K, vox, H, W, sgb, sgk, sgd, sgh, sgw)
     g = tl.load(g_ptr + goff, mask=m2, other=0.0).to(ct) * tl.load(wts_ptr + n)
     rows = out_ptr + (bk[:, None] * N + n) * S
     tl.atomic_add(rows + t0[None, :], tw0[None, :] * g, mask=m2 & (tw0 != 0)[None, :])
@@ -173,46 +153,17 @@ def _(grad, maps, weights, n_slices):
     return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], n_slices), dtype=maps.dtype)
 
 
-def _setup(ctx, inputs, output):
-    sinogram, maps, weights, volume_shape = inputs
-    ctx.save_for_backward(maps, weights)
-    ctx.n_slices = sinogram.shape[3]
-
-
-def _backward(ctx, grad):
-    maps, weights = ctx.saved_tensors
-    gs = torch.ops.tonno_fast_triton.backproject_backward(grad, maps, weights, ctx.n_slices)
-    return gs, None, None, None
-
-
-_bp_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _setup_bwd(ctx, inputs, output):
-    grad, maps, weights, n_slices = inputs
-    ctx.save_for_backward(maps, weights)
-    ctx.volume_shape = list(grad.shape[2:])
-
-
-def _backward_bwd(ctx, gg):
-    maps, weights = ctx.saved_tensors
-    return torch.ops.tonno_fast_triton.backproject(gg, maps, weights, ctx.volume_shape), None, None, None
-
-
-_bp_bwd_op.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+register_linear_autograd(_bp_op, "backproject_backward", 2,
+                         lambda sinogram, maps, weights, volume_shape: (sinogram.shape[3],))
+register_linear_autograd(_bp_bwd_op, "backproject", 2,
+                         lambda grad, maps, weights, n_slices: (list(grad.shape[2:]),))
 
 
 def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
                 volume_shape: Sequence[int]) -> torch.Tensor:
     """``(B, K, N, S)`` sinogram → ``(B, K, D, H, W)`` volume (see module doc). Differentiable in
     ``sinogram`` (exact adjoint); ``volume_maps`` and ``weights`` are constants."""
-    check_float(sinogram, "sinogram")
-    if sinogram.ndim != 4:
-        raise ValueError(f"sinogram must have shape (B, K, N, S), got {tuple(sinogram.shape)}")
-    maps = check_maps(volume_maps, sinogram, "volume_maps")
-    if maps.shape[0] != sinogram.shape[2]:
-        raise ValueError(f"volume_maps has {maps.shape[0]} directions but sinogram has N = {sinogram.shape[2]}")
-    w = check_weights(weights, maps.shape[0], sinogram)
+    maps, w = _check_projections(sinogram, "sinogram", "(B, K, N, S)", volume_maps, weights)
     return torch.ops.tonno_fast_triton.backproject(sinogram, maps, w, _shape3(volume_shape))
 
 
@@ -223,6 +174,20 @@ def backproject_backward(grad: torch.Tensor, volume_maps: torch.Tensor, weights:
     maps = check_maps(volume_maps, grad, "volume_maps")
     w = check_weights(weights, maps.shape[0], grad)
     return torch.ops.tonno_fast_triton.backproject_backward(grad, maps, w, int(n_slices))
+
+
+def _check_projections(x: torch.Tensor, name: str, layout: str, volume_maps: torch.Tensor,
+                       weights: torch.Tensor):
+    """Checks the input ``x`` of a backprojection (float, shape ``layout`` with the N directions on axis 2) and
+    returns ``volume_maps`` ``(N, 3, 4)`` and ``weights`` ``(N,)`` as the kernels read them (``x``'s dtype and
+    device, contiguous)."""
+    check_float(x, name)
+    if x.ndim != len(layout.split(",")):
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+    maps = check_maps(volume_maps, x, "volume_maps")
+    if maps.shape[0] != x.shape[2]:
+        raise ValueError(f"volume_maps has {maps.shape[0]} directions but {name} has N = {x.shape[2]}")
+    return maps, check_weights(weights, maps.shape[0], x)
 
 
 def _shape3(volume_shape: Sequence[int]) -> List[int]:

@@ -33,10 +33,10 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRETED, alert_not_deterministic, apply_row, bilinear_gather, bilinear_scatter,
-                      check_float, check_maps, check_weights, define_op, interpreter_block,
-                      interpreter_block_bk, launch, linear_taps,
-                      pow2_block, scalars, trilinear_gather, trilinear_scatter)
-from .backproject import _shape3, _voxel_coords
+                      check_float, check_maps, check_weights, define_op, interpreter_block, interpreter_block_bk,
+                      launch, linear_taps, pow2_block, register_linear_autograd, row_offsets, scalars,
+                      tile_offsets, trilinear_gather, trilinear_scatter, voxel_tile)
+from .backproject import _check_projections, _shape3
 
 __all__ = ["backproject_slices", "backproject_slices_backward"]
 
@@ -60,6 +60,20 @@ def _laplacian_planes(t, S):
 
 
 @triton.jit
+def _plane_gather(ptr, base, q, c, s_plane, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, mask):
+    """``c · bilinear(plane q)`` for one of the four :func:`_laplacian_planes` (no load where ``c == 0``)."""
+    return c[None, :] * bilinear_gather(ptr, base + (q * s_plane)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1,
+                                        s1, s2, mask & (c != 0)[None, :])
+
+
+@triton.jit
+def _plane_scatter(ptr, base, q, c, s_plane, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, val, mask):
+    """Adjoint of :func:`_plane_gather`: ``plane q += c · val`` spread over the bilinear corners."""
+    bilinear_scatter(ptr, base + (q * s_plane)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2,
+                     c[None, :] * val, mask & (c != 0)[None, :])
+
+
+@triton.jit
 def _stack_coords(m_ptr, fd, fh, fw, h, w):
     """Slice coordinate ``t`` and the in-plane taps of voxels ``(fd, fh, fw)`` in the stack of map ``m_ptr``."""
     i = apply_row(m_ptr, 1, fd, fh, fw)
@@ -75,30 +89,20 @@ def _stack_coords(m_ptr, fd, fh, fw, h, w):
 def _bps_kernel(st_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr,
                 BK, K, N, S, h, w, D, H, W, ssb, ssk, ssn, sss, ssh, ssw,
                 LAPLACIAN: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pbk = tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V = tl.cast(D, tl.int64) * H * W
-    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = vox < V
-    fd, fh, fw = _voxel_coords(vox, H, W, ct)
-    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
-    m2 = (bk < BK)[:, None] & vmask[None, :]
-    base = ((bk // K) * ssb + (bk % K) * ssk)[:, None]  # (BLOCK_BK, 1) offsets of stacks[b, k, 0]
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                                            BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
+    base = row_offsets(bk, K, ssb, ssk)  # (BLOCK_BK, 1) offsets of stacks[b, k, 0]
     acc = tl.zeros([BLOCK_BK, BLOCK_V], dtype=ct)
     m_ptr = maps_ptr
     for n in range(N):
         t, i0, i1, wi0, wi1, j0, j1, wj0, wj1 = _stack_coords(m_ptr, fd, fh, fw, h, w)
         if LAPLACIAN:
             q0, q1, q2, q3, c0, c1, c2, c3 = _laplacian_planes(t, S)
-            v = c0[None, :] * bilinear_gather(st_ptr, base + (q0 * sss)[None, :], i0, i1, wi0, wi1,
-                                              j0, j1, wj0, wj1, ssh, ssw, m2 & (c0 != 0)[None, :])
-            v += c1[None, :] * bilinear_gather(st_ptr, base + (q1 * sss)[None, :], i0, i1, wi0, wi1,
-                                               j0, j1, wj0, wj1, ssh, ssw, m2 & (c1 != 0)[None, :])
-            v += c2[None, :] * bilinear_gather(st_ptr, base + (q2 * sss)[None, :], i0, i1, wi0, wi1,
-                                               j0, j1, wj0, wj1, ssh, ssw, m2 & (c2 != 0)[None, :])
-            v += c3[None, :] * bilinear_gather(st_ptr, base + (q3 * sss)[None, :], i0, i1, wi0, wi1,
-                                               j0, j1, wj0, wj1, ssh, ssw, m2 & (c3 != 0)[None, :])
+            v = _plane_gather(st_ptr, base, q0, c0, sss, i0, i1, wi0, wi1, j0, j1, wj0, wj1, ssh, ssw, m2)
+            v += _plane_gather(st_ptr, base, q1, c1, sss, i0, i1, wi0, wi1, j0, j1, wj0, wj1, ssh, ssw, m2)
+            v += _plane_gather(st_ptr, base, q2, c2, sss, i0, i1, wi0, wi1, j0, j1, wj0, wj1, ssh, ssw, m2)
+            v += _plane_gather(st_ptr, base, q3, c3, sss, i0, i1, wi0, wi1, j0, j1, wj0, wj1, ssh, ssw, m2)
             v = v * tl.load(par_ptr)  # 1 / Δs²
         else:
             t0, t1, tw0, tw1 = linear_taps(t, S)
@@ -115,33 +119,22 @@ def _bps_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr,
                         BK, K, N, S, h, w, D, H, W, sgb, sgk, sgd, sgh, sgw,
                         LAPLACIAN: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
     """``out (B,K,N,S,h,w)`` (contiguous) ``+= w_n · corner weights · g[b,k,x]`` for one tile and direction."""
-    pid = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
-    pbk = tl.program_id(2).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V = tl.cast(D, tl.int64) * H * W
-    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = vox < V
-    fd, fh, fw = _voxel_coords(vox, H, W, ct)
-    bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
-    m2 = (bk < BK)[:, None] & vmask[None, :]
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64),
+                                            BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
     t, i0, i1, wi0, wi1, j0, j1, wj0, wj1 = _stack_coords(maps_ptr + n * 12, fd, fh, fw, h, w)
-    goff = ((bk // K) * sgb + (bk % K) * sgk)[:, None] + (
-        (vox // (H * W)) * sgd + ((vox // W) % H) * sgh + (vox % W) * sgw)[None, :]
+    goff = tile_offsets(bk, K, vox, H, W, sgb, sgk, sgd, sgh, sgw)
     g = tl.load(g_ptr + goff, mask=m2, other=0.0).to(ct) * tl.load(wts_ptr + n)
     base = (bk[:, None] * N + n) * (tl.cast(S, tl.int64) * h * w)
     hw = tl.cast(h, tl.int64) * w
     if LAPLACIAN:
         q0, q1, q2, q3, c0, c1, c2, c3 = _laplacian_planes(t, S)
         g = g * tl.load(par_ptr)
-        bilinear_scatter(out_ptr, base + (q0 * hw)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1,
-                         c0[None, :] * g, m2 & (c0 != 0)[None, :])
-        bilinear_scatter(out_ptr, base + (q1 * hw)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1,
-                         c1[None, :] * g, m2 & (c1 != 0)[None, :])
-        bilinear_scatter(out_ptr, base + (q2 * hw)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1,
-                         c2[None, :] * g, m2 & (c2 != 0)[None, :])
-        bilinear_scatter(out_ptr, base + (q3 * hw)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1,
-                         c3[None, :] * g, m2 & (c3 != 0)[None, :])
+        _plane_scatter(out_ptr, base, q0, c0, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
+        _plane_scatter(out_ptr, base, q1, c1, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
+        _plane_scatter(out_ptr, base, q2, c2, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
+        _plane_scatter(out_ptr, base, q3, c3, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
     else:
         t0, t1, tw0, tw1 = linear_taps(t, S)
         trilinear_scatter(out_ptr, base, t0[None, :], t1[None, :], tw0[None, :], tw1[None, :],
@@ -212,38 +205,12 @@ def _(grad, maps, weights, stack_shape, laplacian_spacing):
     return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], *stack_shape), dtype=maps.dtype)
 
 
-def _setup(ctx, inputs, output):
-    stacks, maps, weights, volume_shape, laplacian_spacing = inputs
-    ctx.save_for_backward(maps, weights)
-    ctx.stack_shape = list(stacks.shape[3:])
-    ctx.laplacian_spacing = laplacian_spacing
-
-
-def _backward(ctx, grad):
-    maps, weights = ctx.saved_tensors
-    gs = torch.ops.tonno_fast_triton.backproject_slices_backward(grad, maps, weights, ctx.stack_shape,
-                                                                 ctx.laplacian_spacing)
-    return gs, None, None, None, None
-
-
-_bps_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _setup_bwd(ctx, inputs, output):
-    grad, maps, weights, stack_shape, laplacian_spacing = inputs
-    ctx.save_for_backward(maps, weights)
-    ctx.volume_shape = list(grad.shape[2:])
-    ctx.laplacian_spacing = laplacian_spacing
-
-
-def _backward_bwd(ctx, gg):
-    maps, weights = ctx.saved_tensors
-    out = torch.ops.tonno_fast_triton.backproject_slices(gg, maps, weights, ctx.volume_shape,
-                                                         ctx.laplacian_spacing)
-    return out, None, None, None, None
-
-
-_bps_bwd_op.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+register_linear_autograd(
+    _bps_op, "backproject_slices_backward", 2,
+    lambda stacks, maps, weights, volume_shape, laplacian_spacing: (list(stacks.shape[3:]), laplacian_spacing))
+register_linear_autograd(
+    _bps_bwd_op, "backproject_slices", 2,
+    lambda grad, maps, weights, stack_shape, laplacian_spacing: (list(grad.shape[2:]), laplacian_spacing))
 
 
 def backproject_slices(stacks: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
@@ -253,13 +220,7 @@ def backproject_slices(stacks: torch.Tensor, volume_maps: torch.Tensor, weights:
     ``laplacian_spacing``: slice spacing Δs (mm) of a ``laplacian`` filter fused along the slice axis
     (``None``: no filter). Differentiable in ``stacks`` (exact adjoint, filter included).
     """
-    check_float(stacks, "stacks")
-    if stacks.ndim != 6:
-        raise ValueError(f"stacks must have shape (B, K, N, S, h, w), got {tuple(stacks.shape)}")
-    maps = check_maps(volume_maps, stacks, "volume_maps")
-    if maps.shape[0] != stacks.shape[2]:
-        raise ValueError(f"volume_maps has {maps.shape[0]} directions but stacks has N = {stacks.shape[2]}")
-    w = check_weights(weights, maps.shape[0], stacks)
+    maps, w = _check_projections(stacks, "stacks", "(B, K, N, S, h, w)", volume_maps, weights)
     return torch.ops.tonno_fast_triton.backproject_slices(stacks, maps, w, _shape3(volume_shape),
                                                           _spacing(laplacian_spacing))
 

@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRETED, check_float, check_maps, define_op, interpreter_block, launch, one_per_thread,
-                      pow2_block,
-                      trilinear_gather)
+                      pow2_block, register_linear_autograd, trilinear_gather)
 from .slice_volume import _slice_coords, launch_adjoint
 
 __all__ = ["radon", "radon_backward"]
@@ -91,34 +90,12 @@ def _(grad, maps, height, width, scale, volume_shape):
     return grad.new_empty((grad.shape[0], grad.shape[1], *volume_shape), dtype=maps.dtype)
 
 
-def _setup(ctx, inputs, output):
-    volume, maps, n_slices, height, width, scale = inputs
-    ctx.save_for_backward(maps)
-    ctx.args = (height, width, scale, list(volume.shape[2:]))
-
-
-def _backward(ctx, grad):
-    (maps,) = ctx.saved_tensors
-    gv = torch.ops.tonno_fast_triton.radon_backward(grad, maps, *ctx.args)
-    return gv, None, None, None, None, None
-
-
-_radon_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _setup_bwd(ctx, inputs, output):
-    grad, maps, height, width, scale, volume_shape = inputs
-    ctx.save_for_backward(maps)
-    ctx.args = (grad.shape[3], height, width, scale)
-
-
-def _backward_bwd(ctx, gg):
-    (maps,) = ctx.saved_tensors
-    S, h, w, scale = ctx.args
-    return torch.ops.tonno_fast_triton.radon(gg, maps, S, h, w, scale), None, None, None, None, None
-
-
-_radon_bwd_op.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+register_linear_autograd(
+    _radon_op, "radon_backward", 1,
+    lambda volume, maps, n_slices, height, width, scale: (height, width, scale, list(volume.shape[2:])))
+register_linear_autograd(
+    _radon_bwd_op, "radon", 1,
+    lambda grad, maps, height, width, scale, volume_shape: (grad.shape[3], height, width, scale))
 
 
 def radon(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
