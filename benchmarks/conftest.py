@@ -73,6 +73,8 @@ def run_case(benchmark):
         del out
         benchmark.group = case
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+        if benchmark.disabled:  # --benchmark-disable: the call ran once as a smoke test, nothing was timed
+            return
         median = benchmark.stats.stats.median
         info = {
             "backend": backend, "op": case, "work": work, "unit": unit,

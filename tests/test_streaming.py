@@ -111,8 +111,10 @@ def test_peak_memory_of_tomographic_cam_does_not_grow_with_directions():
     """128³ volume, 48×48 slices (223 per direction, 2.05 MB of CAM per direction), max_memory 2 MB: one
     direction per chunk. Without streaming, N directions would hold N × 2.05 MB of CAM stacks plus their
     filtered copy; streamed, the peak must not depend on N."""
-    # 4 against 16 directions keeps the test short (at 32×32, 8 against 64 measured 31.9 and 39.8 MiB).
-    few, many = 4, 16
+    # 4 against 32 directions: peak RSS carries ~10 MiB of allocator noise run to run (measured 34.0, 34.0, 40.4,
+    # 34.5 MiB for 4, 16, 32, 64 directions), so the gap in N must be wide enough that the cost of *not*
+    # streaming (28 extra stacks of 2.05 MB = 55 MiB, twice that with their filtered copies) stands far above it.
+    few, many = 4, 32
     max_memory = 2 * 2 ** 20
     d_few, d_many = _peak_rss_delta(few, max_memory), _peak_rss_delta(many, max_memory)
     mib = 2 ** 20
@@ -120,7 +122,7 @@ def test_peak_memory_of_tomographic_cam_does_not_grow_with_directions():
     # volume-sized buffers (float64 accumulator 16 MiB, one chunk's backprojection 8 MiB, …): 64 MiB.
     bound = max_memory + 256 * mib + 64 * mib
     assert d_many < bound, (d_few / mib, d_many / mib)
-    # Growth with N: what 4× the directions add must stay below half of what holding the 12 extra
-    # directions' stacks alone would cost (12 × 2.05 MB = 23.5 MiB; with their filtered copies 47 MiB).
-    assert d_many - d_few < 12 * mib, (d_few / mib, d_many / mib)
+    # Growth with N must stay below half of what holding the extra directions' stacks alone would cost.
+    stack_bytes = 223 * 48 * 48 * 4  # S × h × w float32 CAM stack of one direction
+    assert d_many - d_few < 0.5 * (many - few) * stack_bytes, (d_few / mib, d_many / mib)
     print(f"peak RSS above baseline: {few} directions {d_few / mib:.1f} MiB, {many}: {d_many / mib:.1f} MiB")
