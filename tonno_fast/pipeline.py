@@ -25,7 +25,7 @@ how the context slices at ``k ± step`` beyond the ends of a stack are obtained.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +36,11 @@ from .geometry import Geometry, make_geometry
 from .ops import filtered_backprojection
 from .validation import as_volume5d, finite_float
 
-__all__ = ["tomographic_heatmap", "encode_slices", "direction_chunks", "call_encoder", "stream",
+__all__ = ["tomographic_heatmap", "encode_slices", "stream",
            "GeometrySlicer", "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB: a few directions of CAM stacks of a 256³ volume
 DEFAULT_BATCH_SIZE = 256
-
-
-def direction_chunks(geometry: Geometry, slices_per_chunk: int) -> Iterator[Tuple[int, int]]:
-    """``(start, stop)`` ranges of directions holding about ``slices_per_chunk`` slices each (≥ 1 direction)."""
-    step = max(1, int(slices_per_chunk) // max(1, geometry.n_slices))
-    for n0 in range(0, geometry.n_directions, step):
-        yield n0, min(geometry.n_directions, n0 + step)
-
-
-def call_encoder(encoder: Callable, batch: torch.Tensor) -> torch.Tensor:
-    """Run ``encoder`` on ``(M, C, h, w)`` slices and check its answer: ``(M, K)`` floating scores."""
-    return as_encoder(encoder).scores(batch)
 
 
 def resolve_batch_size(batch_size: Optional[int], encoder: Encoder) -> int:
