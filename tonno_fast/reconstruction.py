@@ -54,6 +54,7 @@ to 0 and ``nonneg`` carries information; ``transform`` first applies a monotone 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Union
@@ -65,8 +66,8 @@ from .geometry import Geometry, _positive_int
 from .ops import backproject, filtered_backprojection, radon
 from .validation import check_float_tensor, check_nonempty
 
-__all__ = ["reconstruct", "calibrate_scores", "PlaneTransform", "plane_transform_norm", "METHODS", "ADJOINTS",
-           "TRANSFORMS"]
+__all__ = ["reconstruct", "calibrate_scores", "check_reconstruction", "PlaneTransform", "plane_transform_norm",
+           "METHODS", "ADJOINTS", "TRANSFORMS", "OPTIONS"]
 
 METHODS = ("fbp", "sirt", "cgls", "fista")
 ADJOINTS = ("exact", "backproject")
@@ -107,34 +108,35 @@ def calibrate_scores(sinogram: torch.Tensor, *, transform: Union[None, str, Call
         raise TypeError(f"sinogram must be a floating-point tensor (..., N, S), got "
                         f"{type(sinogram).__name__ if not isinstance(sinogram, torch.Tensor) else sinogram.dtype} "
                         f"{tuple(sinogram.shape) if isinstance(sinogram, torch.Tensor) else ''}".rstrip())
+    q = _check_calibration(transform, baseline)
     out = sinogram
-    if transform is not None:
-        if transform == "sigmoid":
-            out = torch.sigmoid(out)
-        elif transform == "softplus":
-            out = torch.nn.functional.softplus(out)
-        elif callable(transform) and not isinstance(transform, str):
-            out = transform(out)
-            if not isinstance(out, torch.Tensor) or out.shape != sinogram.shape:
-                raise ValueError(f"transform must return a tensor of the sinogram's shape {tuple(sinogram.shape)}, "
-                                 f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-            out = out.to(sinogram.dtype)
-        else:
-            raise ValueError(f"transform must be None, one of {TRANSFORMS} or a callable, got {transform!r}")
-    if baseline is not None:
-        q = _baseline_quantile(baseline)
+    if transform == "sigmoid":
+        out = torch.sigmoid(out)
+    elif transform == "softplus":
+        out = torch.nn.functional.softplus(out)
+    elif transform is not None:
+        out = transform(out)
+        if not isinstance(out, torch.Tensor) or out.shape != sinogram.shape:
+            raise ValueError(f"transform must return a tensor of the sinogram's shape {tuple(sinogram.shape)}, "
+                             f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        out = out.to(sinogram.dtype)
+    if q is not None:
         out = out - torch.quantile(out, q, dim=-1, keepdim=True)
     return out
 
 
-def _baseline_quantile(baseline) -> float:
+def _check_calibration(transform, baseline) -> Optional[float]:
+    """Check ``transform`` and ``baseline`` of :func:`calibrate_scores`; returns the baseline's quantile."""
+    if transform is not None and not (transform in TRANSFORMS if isinstance(transform, str) else callable(transform)):
+        raise ValueError(f"transform must be None, one of {TRANSFORMS} or a callable, got {transform!r}")
+    if baseline is None:
+        return None
     if isinstance(baseline, str):
         if baseline == "median":
             return 0.5
-        raise ValueError(f"baseline must be None, 'median' or a quantile in [0, 1], got {baseline!r}")
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not 0.0 <= float(baseline) <= 1.0:
-        raise ValueError(f"baseline must be None, 'median' or a quantile in [0, 1], got {baseline!r}")
-    return float(baseline)
+    elif not isinstance(baseline, bool) and isinstance(baseline, (int, float)) and 0.0 <= float(baseline) <= 1.0:
+        return float(baseline)
+    raise ValueError(f"baseline must be None, 'median' or a quantile in [0, 1], got {baseline!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,38 +340,13 @@ def reconstruct(sinogram: torch.Tensor, geometry: Geometry, method: str = "fbp",
         differentiable; the iterative methods are not (their result is detached).
     """
     _check_sinogram(sinogram, geometry)
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_filter(filter, window)
+    nonneg = _check_options(method, filter=filter, window=window, iterations=iterations, tol=tol, x0=x0,
+                            nonneg=nonneg, tv=tv, tv_iterations=tv_iterations, relaxation=relaxation,
+                            adjoint=adjoint, check_every=check_every, score_transform=score_transform,
+                            score_baseline=score_baseline)
     p = calibrate_scores(sinogram, transform=score_transform, baseline=score_baseline)
     if method == "fbp":
-        bad = [name for name, given in (("nonneg", nonneg), ("tv", tv)) if given not in (None, False, 0, 0.0)]
-        if bad or not (isinstance(x0, str) and x0 == "fbp"):
-            raise ValueError(f"{', '.join(bad) or 'x0'} applies to the iterative methods {METHODS[1:]}, "
-                             f"not to method='fbp'")
         return filtered_backprojection(p, geometry, filter=filter, window=window, backend=backend)
-    iterations = _positive_int(iterations, "iterations")
-    tv_iterations = _positive_int(tv_iterations, "tv_iterations")
-    check_every = _positive_int(check_every, "check_every")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
-        raise ValueError(f"tol must be None or a non-negative number, got {tol!r}")
-    if nonneg is None:
-        nonneg = method != "cgls"
-    if not isinstance(nonneg, bool):
-        raise TypeError(f"nonneg must be None or a bool, got {type(nonneg).__name__}")
-    if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not math.isfinite(tv) or tv < 0:
-        raise ValueError(f"tv must be a non-negative number, got {tv!r}")
-    if adjoint not in ADJOINTS:
-        raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
-    if method == "cgls" and nonneg:
-        raise ValueError("nonneg=True is not available with method='cgls' (use 'sirt' or 'fista')")
-    if method == "cgls" and adjoint != "exact":
-        raise ValueError("method='cgls' needs adjoint='exact': conjugate gradients diverge with the approximate "
-                         "adjoint (use 'sirt' or 'fista' with adjoint='backproject')")
-    if method != "fista" and tv > 0:
-        raise ValueError(f"tv > 0 needs method='fista', got method={method!r}")
-    if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)) or not 0 < relaxation < 2:
-        raise ValueError(f"relaxation must be in (0, 2), got {relaxation!r}")
 
     with torch.inference_mode(False), torch.no_grad():
         p = p.detach().clone()  # a normal tensor even when the caller is in inference mode
@@ -387,6 +364,68 @@ def reconstruct(sinogram: torch.Tensor, geometry: Geometry, method: str = "fbp",
         info["residual"] = torch.stack(residuals)
         info.update(extra)
     return x
+
+
+#: The keyword arguments of :func:`reconstruct` that the pipeline passes through ``reconstruction_options``.
+OPTIONS = ("iterations", "tol", "x0", "nonneg", "tv", "tv_iterations", "relaxation", "adjoint", "check_every",
+           "info")
+
+
+def check_reconstruction(method: str, options: Optional[Dict] = None, **kwargs) -> None:
+    """Validate the arguments of :func:`reconstruct` that do not depend on the sinogram: ``method``, the
+    iterative ``options`` (names from :data:`OPTIONS`) and ``filter``, ``window``, ``score_transform``,
+    ``score_baseline`` in ``kwargs``. Raises the error :func:`reconstruct` would, before any slice is scored."""
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise TypeError(f"reconstruction_options must be a dict of reconstruct() options, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"reconstruction_options has unknown option(s) {unknown}; known: {list(OPTIONS)}")
+    params = inspect.signature(reconstruct).parameters
+    args = {name: params[name].default for name in inspect.signature(_check_options).parameters if name != "method"}
+    args.update({k: v for k, v in options.items() if k != "info"})
+    args.update(kwargs)
+    _check_options(method, **args)
+
+
+def _check_options(method, *, filter, window, iterations, tol, x0, nonneg, tv, tv_iterations, relaxation,
+                   adjoint, check_every, score_transform, score_baseline) -> bool:
+    """Every check of :func:`reconstruct` that needs no sinogram; returns ``nonneg`` resolved for ``method``."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_filter(filter, window)
+    _check_calibration(score_transform, score_baseline)
+    if method == "fbp":
+        bad = [name for name, given in (("nonneg", nonneg), ("tv", tv)) if given not in (None, False, 0, 0.0)]
+        if bad or not (isinstance(x0, str) and x0 == "fbp"):
+            raise ValueError(f"{', '.join(bad) or 'x0'} applies to the iterative methods {METHODS[1:]}, "
+                             f"not to method='fbp'")
+        return False
+    _positive_int(iterations, "iterations")
+    _positive_int(tv_iterations, "tv_iterations")
+    _positive_int(check_every, "check_every")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
+        raise ValueError(f"tol must be None or a non-negative number, got {tol!r}")
+    if not (isinstance(x0, torch.Tensor) or (isinstance(x0, str) and x0 in ("fbp", "zeros"))):
+        raise ValueError(f"x0 must be 'fbp', 'zeros' or a tensor (B, K, D, H, W), got {x0!r}")
+    if nonneg is None:
+        nonneg = method != "cgls"
+    if not isinstance(nonneg, bool):
+        raise TypeError(f"nonneg must be None or a bool, got {type(nonneg).__name__}")
+    if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not math.isfinite(tv) or tv < 0:
+        raise ValueError(f"tv must be a non-negative number, got {tv!r}")
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint must be one of {ADJOINTS}, got {adjoint!r}")
+    if method == "cgls" and nonneg:
+        raise ValueError("nonneg=True is not available with method='cgls' (use 'sirt' or 'fista')")
+    if method == "cgls" and adjoint != "exact":
+        raise ValueError("method='cgls' needs adjoint='exact': conjugate gradients diverge with the approximate "
+                         "adjoint (use 'sirt' or 'fista' with adjoint='backproject')")
+    if method != "fista" and tv > 0:
+        raise ValueError(f"tv > 0 needs method='fista', got method={method!r}")
+    if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)) or not 0 < relaxation < 2:
+        raise ValueError(f"relaxation must be in (0, 2), got {relaxation!r}")
+    return nonneg
 
 
 def _check_sinogram(sinogram, geometry) -> None:
