@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative reconstruction "
                    "(default 50)")
     h.add_argument("--tv", type=float, metavar="W", help="total-variation weight of --reconstruction fista "
-                   "(dimensionless; default 0)")
+                   "(dimensionless; default 1e-3)")
     h.add_argument("--nonneg", action=argparse.BooleanOptionalAction, default=None,
                    help="constrain the heatmap to >= 0 (default: on for sirt and fista)")
     h.add_argument("--adjoint", choices=("exact", "backproject"),
