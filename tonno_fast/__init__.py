@@ -32,3 +32,8 @@ from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, threshol
 
 __all__ += ["ObliqueSliceSampler", "SliceBatch", "sample_directions", "train_encoder", "evaluate_encoder",
             "dice", "iou", "threshold_sweep", "evaluate_heatmap", "evaluate_heatmaps"]
+
+# Iterative few-view reconstruction and score calibration.
+from .reconstruction import calibrate_scores, reconstruct
+
+__all__ += ["reconstruct", "calibrate_scores"]

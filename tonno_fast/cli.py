@@ -3,6 +3,7 @@
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.models:make_net --weights net.pt \\
         --method tomographic-cam --target-layer features.3 --png overlay.png
+    tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt --directions 16 --reconstruction fista
     tonno-fast demo [--quick] [--out DIR]
     tonno-fast bench
 
@@ -128,6 +129,7 @@ def cmd_heatmap(args) -> int:
     if args.method != "tonno" and args.target_layer is None:
         raise CLIError(f"--method {args.method} needs --target-layer (the name of a conv layer, e.g. features.3; "
                        f"see model.named_modules())")
+    recon = _reconstruction_args(args)
     try:
         scan = load_nifti(args.input)
     except FileNotFoundError:
@@ -149,7 +151,8 @@ def cmd_heatmap(args) -> int:
     t0 = time.perf_counter()
     if args.method == "tonno":
         from .pipeline import tomographic_heatmap
-        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter, **common)
+        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter,
+                                   window=args.window, **recon, **common)
     else:
         heat = _cam_heatmap(args, model, volume, common)
     heat = heat.reshape(heat.shape[-3:]) if heat.ndim > 3 and heat.numel() == heat.shape[-3:].numel() else heat
@@ -166,6 +169,41 @@ def cmd_heatmap(args) -> int:
     if not args.quiet:
         print(msg)
     return 0
+
+
+def _reconstruction_args(args) -> dict:
+    """The reconstruction keywords of tomographic_heatmap from the heatmap options, checked before the scan is
+    read (a bad combination is one error line, not a traceback after minutes of encoding)."""
+    from .reconstruction import check_reconstruction
+
+    iterative = {"iterations": args.iterations, "tv": args.tv, "nonneg": args.nonneg, "adjoint": args.adjoint}
+    given = {k: v for k, v in iterative.items() if v is not None}
+    calibration = {"score_transform": args.score_transform, "score_baseline": args.score_baseline}
+    if args.method != "tonno" and (args.reconstruction != "fbp" or given or args.window is not None
+                                   or any(v is not None for v in calibration.values())):
+        raise CLIError(f"--reconstruction, --window and the iterative and score options apply to --method tonno, "
+                       f"not to --method {args.method}")
+    if args.reconstruction == "fbp" and given:
+        raise CLIError(f"--{next(iter(given)).replace('_', '-')} applies to an iterative --reconstruction "
+                       f"(sirt, cgls, fista), not to fbp")
+    try:
+        check_reconstruction(args.reconstruction, given, filter=args.filter, window=args.window, **calibration)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--reconstruction {args.reconstruction}: {exc}") from None
+    return dict(reconstruction=args.reconstruction, reconstruction_options=given or None, **calibration)
+
+
+def _score_baseline(text: str):
+    """argparse type of --score-baseline: 'median' or a quantile in [0, 1]."""
+    if text == "median":
+        return text
+    try:
+        q = float(text)
+    except ValueError:
+        q = float("nan")
+    if not 0.0 <= q <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'median' or a quantile in [0, 1], got {text!r}")
+    return q
 
 
 def _cam_heatmap(args, model, volume, common):
@@ -324,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the scan's finest spacing, or what makes --slice-size cover the scan)")
     h.add_argument("--filter", default="ramp2", choices=("ramp2", "laplacian", "ramp", "none"),
                    help="reconstruction filter for tonno (default ramp2, the exact 3D inverse)")
+    h.add_argument("--window", choices=("shepp-logan", "cosine", "hamming", "hann"),
+                   help="window on the ramp2/ramp filter (FBP, and the start of the iterative methods)")
+    h.add_argument("--reconstruction", default="fbp", choices=("fbp", "sirt", "cgls", "fista"),
+                   help="fbp: filtered backprojection (default); sirt, cgls, fista: iterative least squares, "
+                        "fista with non-negativity and --tv; good from fewer --directions")
+    h.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative reconstruction "
+                   "(default 50)")
+    h.add_argument("--tv", type=float, metavar="W", help="total-variation weight of --reconstruction fista "
+                   "(dimensionless; default 1e-3)")
+    h.add_argument("--nonneg", action=argparse.BooleanOptionalAction, default=None,
+                   help="constrain the heatmap to >= 0 (default: on for sirt and fista)")
+    h.add_argument("--adjoint", choices=("exact", "backproject"),
+                   help="adjoint of the plane transform in sirt/fista: exact (default) or backproject "
+                        "(3-4x faster on the CPU, approximate)")
+    h.add_argument("--score-transform", choices=("sigmoid", "softplus"),
+                   help="monotone map of the encoder's logits before the reconstruction")
+    h.add_argument("--score-baseline", type=_score_baseline, metavar="Q",
+                   help="subtract each direction's median ('median') or Q-quantile of the slice scores, so "
+                        "slices without lesion score about 0")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: the GPU when there is one)")
     h.add_argument("--batch-size", type=int, default=256, metavar="M", help="slices per encoder call (default 256)")

@@ -25,7 +25,7 @@ how the context slices at ``k ± step`` beyond the ends of a stack are obtained.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from .backend import get_backend
 from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
-from .ops import filtered_backprojection
+from .reconstruction import check_reconstruction, reconstruct
 from .validation import as_volume5d, finite_float
 
-__all__ = ["tomographic_heatmap", "encode_slices", "stream",
+__all__ = ["tomographic_heatmap", "encode_slices", "stream", "HeatmapResult",
            "GeometrySlicer", "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB: a few directions of CAM stacks of a 256³ volume
@@ -257,7 +257,9 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                         n_slices: Optional[int] = None, filter: str = "ramp2", window: Optional[str] = None,
                         batch_size: Optional[int] = None, backend: str = "auto", progress: bool = False,
                         fill: float = 0.0, allow_nonfinite: bool = False, max_memory: Optional[int] = None,
-                        timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                        timings: Optional[Dict[str, float]] = None, reconstruction: str = "fbp",
+                        reconstruction_options: Optional[Dict] = None, score_transform=None, score_baseline=None,
+                        return_sinogram: bool = False):
     """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (DESIGN.md §1, §3).
 
     Args:
@@ -285,14 +287,28 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
         allow_nonfinite: accept NaN/inf voxels instead of raising.
         max_memory: bytes of slices in flight (default 1 GiB; see :func:`stream`).
         timings: if a dict, receives the seconds spent in ``"slicing"``, ``"encoder"`` and
-            ``"reconstruction"`` (filter + backprojection).
+            ``"reconstruction"`` (filter + backprojection, or the iterative solver).
+        reconstruction: ``"fbp"`` (filtered backprojection with ``filter``/``window``, the default), or an
+            iterative solver ``"sirt"``, ``"cgls"``, ``"fista"`` (see :func:`tonno_fast.reconstruct`).
+        reconstruction_options: keyword arguments of :func:`tonno_fast.reconstruct` for the iterative
+            solvers: ``iterations``, ``tol``, ``x0``, ``nonneg``, ``tv``, ``tv_iterations``, ``relaxation``,
+            ``adjoint``, ``check_every``, ``info``.
+        score_transform, score_baseline: score calibration before the reconstruction (``"sigmoid"`` /
+            ``"softplus"``; ``"median"`` or a quantile: see :func:`tonno_fast.calibrate_scores`).
+        return_sinogram: also return the raw scores and the geometry, to reconstruct again (other method,
+            options or calibration) without scoring the slices again:
+            ``tonno_fast.reconstruct(result.sinogram, result.geometry, "fista", ...)``.
 
     Returns:
         Heatmap on the volume's device, float32 (float64 for a float64 volume): ``(D, H, W)`` for a 3D volume
-        and a single-score encoder, else ``(B, K, D, H, W)``.
+        and a single-score encoder, else ``(B, K, D, H, W)``. With ``return_sinogram=True``, a
+        :class:`HeatmapResult` ``(heatmap, sinogram, geometry)``: ``sinogram`` ``(B, K, N, S)`` holds the
+        encoder's scores before calibration.
     """
-    from .filters import check_filter
-    check_filter(filter, window)
+    check_reconstruction(reconstruction, reconstruction_options, filter=filter, window=window,
+                         score_transform=score_transform, score_baseline=score_baseline)
+    if not isinstance(return_sinogram, bool):
+        raise TypeError(f"return_sinogram must be a bool, got {type(return_sinogram).__name__}")
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
@@ -304,10 +320,26 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                            progress=progress, max_memory=max_memory, timings=timings)
     timer = _Timer(timings, [vol.device])
     with timer("reconstruction"):
-        heat = filtered_backprojection(scores, geometry, filter=filter, window=window, backend=backend)
+        heat = reconstruct(scores, geometry, reconstruction, filter=filter, window=window,
+                           score_transform=score_transform, score_baseline=score_baseline, backend=backend,
+                           **(reconstruction_options or {}))
     if ndim == 3 and heat.shape[1] == 1:
-        return heat[0, 0]
-    return heat
+        heat = heat[0, 0]
+    return HeatmapResult(heat, scores, geometry) if return_sinogram else heat
+
+
+class HeatmapResult(NamedTuple):
+    """What :func:`tomographic_heatmap` returns with ``return_sinogram=True``.
+
+    Attributes:
+        heatmap: as returned without ``return_sinogram``.
+        sinogram: ``(B, K, N, S)`` the encoder's scores, before calibration.
+        geometry: the :class:`~tonno_fast.Geometry` the slices were cut with.
+    """
+
+    heatmap: torch.Tensor
+    sinogram: torch.Tensor
+    geometry: Geometry
 
 
 def _slice_size(slice_size, encoder: Encoder):
