@@ -15,7 +15,6 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q build
 	touch $@
 
 venv: $(VENV)/.deps
@@ -41,6 +40,7 @@ clean:
 
 # The source distribution users build from (`pip install --no-build-isolation dist/tonno_fast-*.tar.gz`).
 sdist: $(VENV)/.deps
+	$(PY) -c 'import build' 2>/dev/null || $(PIP) install -q build
 	rm -f dist/tonno_fast-*.tar.gz
 	$(PY) -m build --sdist --no-isolation --outdir dist .
 
