@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import tonno_fast
-from tonno_fast.backend import native
 
 site = Path(sysconfig.get_paths()["purelib"]).resolve()
 assert Path(tonno_fast.__file__).resolve().is_relative_to(site), f"tonno_fast imported from {tonno_fast.__file__}"
@@ -25,7 +24,7 @@ avail = tonno_fast.backends()
 print("backends():", json.dumps(avail, indent=1))
 assert avail["reference"] == "available", avail
 assert avail["cpu"] == "available", f"compiled CPU kernels unavailable: {avail['cpu']}"
-so = Path(native._C.__file__).resolve()
+so = Path(sys.modules["tonno_fast._C"].__file__).resolve()  # loaded by backends() above
 assert so.is_relative_to(site), f"tonno_fast._C loaded from {so}"
 record = json.loads((so.parent / "_C.build.json").read_text())
 assert record["torch_version"] == torch.__version__, (record, torch.__version__)
