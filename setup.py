@@ -239,7 +239,11 @@ def build_ext_class(record_helpers):
                 reason = f"the CUDA build failed ({type(exc).__name__}: {first}; its log is in the build output)"
                 note(f"{reason}; building the CPU kernels only (TONNO_FAST_REQUIRE_CUDA=1 makes this an error)")
                 self.compiler.compile, self.compiler._compile = saved
-                self.extensions = [make_extension(cuda_missing=reason)]
+                # Turn the extension into the CPU-only one in place: setuptools keeps private attributes on it
+                # (set when the command was finalized) that a new Extension object would lack.
+                cpu = make_extension(cuda_missing=reason)
+                for ext in self.extensions:
+                    ext.__dict__.update({k: v for k, v in vars(cpu).items() if not k.startswith("_")})
                 super().build_extensions()
 
         def _record_path(self, ext_path):
