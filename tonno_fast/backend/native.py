@@ -30,11 +30,12 @@ __all__ = ["slice_volume", "radon", "backproject", "backproject_slices", "affine
 name = "native"
 
 try:
-    from .. import _C  # noqa: F401  (loading it registers the ops and their kernels)
+    from .._extension import cuda_missing_reason, load_compiled
+    _C = load_compiled()  # loading it registers the ops and their kernels; never loaded if built for another torch
     _IMPORT_ERROR: Optional[str] = None
-except (ImportError, OSError) as exc:  # not built, or built against another torch
+except (ImportError, OSError) as exc:  # not built, built against another torch, or fails to load: one line why
     _C = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    _IMPORT_ERROR = str(exc)
 
 
 def build_info() -> Optional[Dict]:
@@ -46,13 +47,12 @@ def build_info() -> Optional[Dict]:
 def unavailable_reason(backend: str) -> Optional[str]:
     """None if compiled backend ``backend`` ("cpu" or "cuda") can run here, else a one-line reason."""
     if _C is None:
-        return f"tonno_fast._C is not built or failed to load ({_IMPORT_ERROR}); build it with `make build`"
+        return _IMPORT_ERROR
     if backend == "cpu":
         return None
     if backend == "cuda":
         if not _C.build_info()["cuda"]:
-            return ("tonno_fast._C was built without CUDA kernels (TONNO_FAST_NO_CUDA=1, no CUDA toolkit or a "
-                    "CPU-only torch at build time)")
+            return f"tonno_fast._C was built without CUDA kernels ({cuda_missing_reason()})"
         if not torch.cuda.is_available():
             return "no CUDA device available (torch.cuda.is_available() is False)"
         return None
