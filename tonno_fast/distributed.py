@@ -42,7 +42,8 @@ DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
 
 class DistContext(NamedTuple):
     """Where this process stands: ``rank`` in ``[0, world_size)``, ``local_rank`` on its node, and
-    ``local_world_size`` processes on its node; ``group`` is the process group (``None`` in a single process)."""
+    ``local_world_size`` processes on its node; ``group`` is the process group (``torch.distributed.group.WORLD``
+    for the default one; ``None`` in a single process), ready to pass as a pipeline's ``process_group``."""
 
     rank: int
     world_size: int
@@ -79,6 +80,7 @@ def context(group=None) -> DistContext:
     local_rank = _env_int("LOCAL_RANK", 0)
     if _initialized():
         dist = torch.distributed
+        group = group if group is not None else dist.group.WORLD  # a real group: None means "no split" here
         world = dist.get_world_size(group)
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
         return DistContext(dist.get_rank(group), world, local_rank, local_world, group)
