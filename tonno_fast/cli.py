@@ -25,9 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
-__all__ = ["main", "build_parser", "load_encoder", "CLIError"]
+from .cohort import PIPELINES as METHODS
 
-METHODS = ("tonno", "averaged-cam", "tomographic-cam")
+__all__ = ["main", "build_parser", "load_encoder", "CLIError"]
 
 
 class CLIError(Exception):

@@ -328,16 +328,19 @@ def check_memory(estimate: MemoryEstimate, *, what: str = "this run") -> None:
 def geometry_dims(volume_shape, *, n_directions: int = 64, directions=None, **geometry_args) -> Tuple[int, ...]:
     """``(N, S, h, w)`` of ``make_geometry(volume_shape, n_directions=..., directions=..., **geometry_args)``
     without building its ``N``-sized tables: the slicing of one direction is built instead (the sizes do not
-    depend on the directions). An invalid ``n_directions`` counts as 1 here; ``make_geometry`` refuses it."""
+    depend on the directions). Invalid ``n_directions`` or ``directions`` count as 1 here; ``make_geometry``
+    refuses them right after."""
     from .geometry import make_geometry
 
     probe = make_geometry(volume_shape, directions=[[0.0, 0.0, 1.0]], **geometry_args)
+    n = 1  # for anything make_geometry refuses: it raises its own error next
     if directions is not None:
-        n = len(directions)
+        try:
+            n = max(1, len(directions))
+        except TypeError:
+            pass
     elif isinstance(n_directions, int) and not isinstance(n_directions, bool) and n_directions > 0:
         n = n_directions
-    else:
-        n = 1
     return n, probe.n_slices, probe.height, probe.width
 
 
