@@ -2,8 +2,12 @@
 pipelines with ``process_group`` (each a share of the directions) and in one process (all directions), and rank
 0 writes what it measured to ``argv[1]`` (JSON). Not a test module itself (no ``test_`` prefix)."""
 import json
+import os
 import sys
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 
 import tonno_fast as tf
@@ -91,6 +95,23 @@ def main(out_path):
         weights = du.gather_objects(flat.tolist(), group)
         result["ddp_batches_differ"] = batches[0] != batches[1]
         result["ddp_weights_equal"] = weights[0] == weights[1]
+
+        # The cohort API under torchrun: a broken scan larger than the others (so the size-balanced shards give it
+        # to rank 0 first), with and without fail_fast. Every rank gets the same report.
+        folder = Path(out_path).parent / "scans"
+        if ctx.is_main:
+            folder.mkdir()
+            rng = np.random.default_rng(0)
+            for k in range(3):
+                nib.save(nib.Nifti1Image(rng.random((8, 9, 7)).astype(np.float32), np.eye(4)),
+                         str(folder / f"s{k}.nii.gz"))
+            (folder / "s3.nii.gz").write_bytes(os.urandom(100_000))
+        du.barrier(ctx)
+        fast = tf.heatmap_files(folder, folder.parent / "fast", mean, fail_fast=True, n_directions=3)
+        full = tf.heatmap_files(folder, folder.parent / "full", mean, n_directions=3)
+        result[f"cohort_rank{ctx.rank}"] = [fast.summary().split(" in ")[0], full.summary().split(" in ")[0]]
+        if ctx.is_main:
+            result["cohort_fast_files"] = sorted(os.listdir(folder.parent / "fast"))
 
         gathered = du.gather_objects(result, group)
         if ctx.is_main:

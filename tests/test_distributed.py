@@ -164,3 +164,7 @@ def test_torchrun_direction_split_equals_one_process(tmp_path):
     assert "rank 1 encoder failure" in r["failure_rank1"] and "other rank(s)" in r["failure_rank0"]
     assert r["gathered"] == [0.0, 0.0, 1.0, 1.0, 1.0]
     assert r["ddp_batches_differ"] and r["ddp_weights_equal"]
+    # fail_fast across ranks: rank 0 fails on its first scan while rank 1 writes its first; both stop there.
+    assert r["cohort_rank0"] == r["cohort_rank1"] == [
+        "1 written, 1 failed, 2 not run (fail fast), of 4 scans", "3 written, 1 failed, of 4 scans"]
+    assert r["cohort_fast_files"] == ["s0.nii.gz"]

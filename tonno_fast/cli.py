@@ -163,6 +163,8 @@ def cmd_heatmap(args) -> int:
             compute = _cam_heatmap(args, model, common)
         one = _scan_runner(args, compute, device, write=group is None or ctx.is_main)
         if plan.single:
+            if ctx.distributed and group is None and not ctx.is_main:
+                return 0  # --split files with one scan: rank 0 maps it
             return _heatmap_single(args, plan, one, ctx)
         return _heatmap_cohort(args, plan, one, ctx, split)
 

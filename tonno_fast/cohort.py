@@ -486,9 +486,9 @@ def heatmap_files(inputs, output: PathLike, encoder, *, pipeline: str = "tonno",
         overwrite: recompute scans whose output exists (default: skip them, so a rerun resumes).
         fail_fast: stop after the first failing scan.
         device: where volumes go (default: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU).
-        split: under ``torchrun`` (an initialised default process group): ``"files"`` (each rank a share of the
-            scans; the default for several scans) or ``"directions"`` (every scan split by directions over the
-            ranks; the default for one scan).
+        split: under ``torchrun`` (the process group is joined here when the caller has not, and left again
+            at the end): ``"files"`` (each rank a share of the scans; the default for several scans) or
+            ``"directions"`` (every scan split by directions over the ranks; the default for one scan).
         progress: print one line per scan (and the summary on rank 0).
         options: keyword arguments of the pipeline's function (``n_directions``, ``filter``, ``batch_size``,
             ``max_memory``, ``target_layers``, the CAM ``method``, ...).
@@ -501,23 +501,22 @@ def heatmap_files(inputs, output: PathLike, encoder, *, pipeline: str = "tonno",
         before any scan is read.
     """
     _pipeline_function(pipeline)
-    ctx = dist_util.context()
-    dev = dist_util.device_for_rank(device or "auto")
-    plan = shared_plan(inputs, output, overwrite=overwrite, ctx=ctx)
-    if split is None:
-        split = "directions" if len(plan.jobs) == 1 else "files"
-    group = ctx.group if (split == "directions" and ctx.distributed) else None
-    kwargs = dict(options, process_group=group) if group is not None else options
+    with dist_util.session(device or "auto") as (ctx, dev):
+        plan = shared_plan(inputs, output, overwrite=overwrite, ctx=ctx)
+        if split is None:
+            split = "directions" if len(plan.jobs) == 1 else "files"
+        group = ctx.group if (split == "directions" and ctx.distributed) else None
+        kwargs = dict(options, process_group=group) if group is not None else options
 
-    def process(job: Job) -> None:
-        heatmap_file(job.input, job.output, encoder, pipeline=pipeline, device=dev, **kwargs)
+        def process(job: Job) -> None:
+            heatmap_file(job.input, job.output, encoder, pipeline=pipeline, device=dev, **kwargs)
 
-    def show(res: ScanResult) -> None:
-        if progress:
-            tail = f": {res.error}" if res.error else f" ({res.seconds:.1f} s)"
-            print(f"{res.status} {res.output if res.status == 'written' else res.input}{tail}", flush=True)
+        def show(res: ScanResult) -> None:
+            if progress:
+                tail = f": {res.error}" if res.error else f" ({res.seconds:.1f} s)"
+                print(f"{res.status} {res.output if res.status == 'written' else res.input}{tail}", flush=True)
 
-    report = run_jobs(plan, process, fail_fast=fail_fast, split=split, ctx=ctx, on_result=show)
+        report = run_jobs(plan, process, fail_fast=fail_fast, split=split, ctx=ctx, on_result=show)
     if progress and ctx.is_main:
         print(report.summary(), flush=True)
     return report
