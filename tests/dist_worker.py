@@ -56,6 +56,7 @@ def main(out_path):
         # Partial sinograms: this rank's share only.
         res = tf.tomographic_heatmap(vol, mean, process_group=group, return_sinogram=True, **base)
         result[f"sinogram_directions_rank{ctx.rank}"] = int(res.sinogram.shape[2])
+        assert res.geometry.n_directions == res.sinogram.shape[2]
 
         cnn = TinyCNN().double().eval()
         for name, fn in [("averaged_cam", tf.averaged_cam), ("tomographic_cam", tf.tomographic_cam)]:

@@ -315,7 +315,8 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
             filters and backprojects a contiguous share of the directions and an ``all_reduce`` sums the
             heatmaps (iterative methods gather the scores instead; see
             :func:`tonno_fast.distributed.reconstruct_split`). Every rank calls with the same arguments and
-            gets the whole heatmap; ``sinogram`` then holds this rank's share. ``None``: one process.
+            gets the whole heatmap; ``sinogram`` and ``geometry`` then hold this rank's share. ``None``: one
+            process.
 
     Memory: the run's peak is estimated before the geometry is built and again once the encoder's number of
     outputs is known, against the memory available on the volume's device; a run that cannot fit raises
@@ -358,7 +359,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
             heat = reconstruct_split(scores, geometry, share, process_group, reconstruction, **recon)
     if ndim == 3 and heat.shape[1] == 1:
         heat = heat[0, 0]
-    return HeatmapResult(heat, scores, geometry) if return_sinogram else heat
+    return HeatmapResult(heat, scores, part) if return_sinogram else heat
 
 
 class HeatmapResult(NamedTuple):
