@@ -37,7 +37,7 @@ bench: build
 clean:
 	rm -rf build *.egg-info $(VENV) tonno_fast/*.so
 
-# Memory safety (issue 8): the CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer into
+# Memory safety: the CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer into
 # build/asan (the in-place tonno_fast/_C*.so of `make build` is not touched), then the op tests run against that
 # build from a staged copy of the package. The flags reach every compile and link command through CFLAGS and
 # LDFLAGS (setuptools appends them); -fno-wrapv undoes Python's -fwrapv so signed 32-bit index overflow is

@@ -1,4 +1,4 @@
-"""Catalogue of bad inputs (issue 8): every case gets one specific exception type and a message that names the
+"""Catalogue of bad inputs: every case gets one specific exception type and a message that names the
 argument and says what was expected. Nothing here may crash the interpreter or return garbage.
 
 Sections: the pipeline (``tomographic_heatmap``, encoders), ``make_geometry``, the geometry-level operators of

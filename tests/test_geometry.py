@@ -1,4 +1,4 @@
-"""Geometry (DESIGN.md §2): directions, frames, index-space maps, default sizes."""
+"""Geometry (docs/design.md, "Geometry"): directions, frames, index-space maps, default sizes."""
 import math
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_parse_directions_rejects(bad, msg):
 
 def test_default_sizes_cover_bounding_sphere():
     g = make_geometry((64, 64, 64))
-    assert (g.n_slices, g.height, g.width) == (111, 111, 111)  # PERFORMANCE.md's 64³ geometry
+    assert (g.n_slices, g.height, g.width) == (111, 111, 111)  # the 64³ geometry of docs/performance.md
     r = bounding_radius((64, 64, 64), (1.0, 1.0, 1.0))
     assert (g.n_slices - 1) / 2 * g.slice_spacing >= r - g.slice_spacing / 2
     g2 = make_geometry((20, 40, 40), spacing=(2.5, 0.8, 0.8))
@@ -84,7 +84,7 @@ def test_maps_are_inverse_of_each_other_and_match_physical_positions():
         idx = M[n] @ torch.tensor([k, i, j, 1.0], dtype=torch.float64)
         back = V[n] @ torch.cat([idx, torch.ones(1, dtype=torch.float64)])
         torch.testing.assert_close(back, torch.tensor([k, i, j], dtype=torch.float64))
-        # physical position of the pixel (DESIGN.md §2) against the voxel-centre formula
+        # physical position of the pixel (docs/design.md, "Geometry") against the voxel-centre formula
         u, v, nn = g.frames[n]
         s = (k - (g.n_slices - 1) / 2) * g.slice_spacing
         p = s * nn + (j - (g.width - 1) / 2) * g.pixel_spacing * u + (i - (g.height - 1) / 2) * g.pixel_spacing * v

@@ -1,7 +1,7 @@
 """tonno_fast: fast, exact ToNNO (tomographic reconstruction of a neural network's output).
 
 Turn a 2D image encoder into a 3D heatmap: slice the volume at many orientations, score each slice, and
-invert the 3D Radon transform of the scores. See DESIGN.md for the maths and conventions:
+invert the 3D Radon transform of the scores. docs/design.md has the maths and conventions:
 volumes are ``(B, C, D, H, W)`` with axes z, y, x and spacing in mm.
 """
 from .backend import backends, BackendUnavailable
@@ -25,7 +25,7 @@ __all__ = [
     "load_nifti", "save_nifti", "backends", "BackendUnavailable",
 ]
 
-# Weak supervision and evaluation (issue 7): training slices, a BCE helper, Dice/IoU and thresholds.
+# Weak supervision and evaluation: training slices, a BCE helper, Dice/IoU and thresholds.
 from .sampler import ObliqueSliceSampler, SliceBatch, sample_directions
 from .training import evaluate_encoder, train_encoder
 from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, threshold_sweep

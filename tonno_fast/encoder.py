@@ -1,4 +1,4 @@
-"""Wrap any 2D classifier so the pipelines can feed it slices (DESIGN.md §1, §5).
+"""Wrap any 2D classifier so the pipelines can feed it slices (docs/design.md, "The method", "Streaming").
 
 :class:`Encoder` holds everything between "a slice of the volume" and "the model's scores":
 

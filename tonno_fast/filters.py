@@ -1,4 +1,4 @@
-"""Reconstruction filters along the offset axis ``s`` of a sinogram (DESIGN.md §3).
+"""Reconstruction filters along the offset axis ``s`` of a sinogram (docs/design.md, "Reconstruction").
 
 Every filter is a linear, symmetric operator applied to the last axis of a tensor ``(..., S)`` whose
 samples are ``Δs`` mm apart. Rows are extended by *edge replication* before filtering, so a constant row
@@ -30,7 +30,8 @@ def check_filter(filter: str, window: Optional[str]) -> None:
 
 
 def _padded_length(n: int) -> int:
-    """FFT length: a power of two at least 2n (DESIGN.md: pad to at least twice the row length)."""
+    """FFT length: a power of two at least 2n (rows are padded to at least twice their length, so the circular
+    convolution does not wrap around onto the data)."""
     return 1 << max(1, math.ceil(math.log2(2 * n)))
 
 

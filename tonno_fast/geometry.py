@@ -1,6 +1,6 @@
 """Slicing geometry: directions, in-plane frames, offsets, slice sizes and index-space maps.
 
-This is the only module that knows about frames and millimetres (DESIGN.md §2). Every backend
+This is the only module that knows about frames and millimetres (docs/design.md, "Geometry"). Every backend
 receives the geometry already reduced to *index-space affine maps*, so kernels never recompute a frame:
 
 * ``slice_maps`` ``(N, 3, 4)``: continuous volume index ``(d, h, w) = M[n] @ (k, i, j, 1)`` of pixel
@@ -169,7 +169,7 @@ def bounding_radius(volume_shape: Sequence[int], spacing: Sequence[float]) -> fl
 def _covering_count(radius: float, step: float) -> int:
     """Smallest odd count of samples, ``step`` apart and centred on 0, whose cells cover ``[-radius, radius]``.
 
-    Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111 (PERFORMANCE.md).
+    Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111.
     """
     return 2 * max(0, math.ceil(radius / step - 0.5)) + 1
 
@@ -277,7 +277,7 @@ class Geometry:
 def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: int = 64, directions=None,
                   weights=None, slice_size=None, pixel_spacing=None, slice_spacing=None,
                   n_slices=None) -> Geometry:
-    """Build a :class:`Geometry` with the defaults of DESIGN.md §2.
+    """Build a :class:`Geometry` with the defaults of docs/design.md, "Geometry".
 
     Args:
         volume_shape: ``(D, H, W)``.

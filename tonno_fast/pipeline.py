@@ -1,7 +1,7 @@
 """ToNNO end to end: slice a volume, score every slice with a 2D encoder, invert the Radon transform.
 
 All pipelines (ToNNO scores here, Averaged/Tomographic/slice-wise CAM in :mod:`tonno_fast.cam.pipelines`) run
-through ONE streaming loop, :func:`stream` (DESIGN.md §5). It walks the directions in *chunks*; within a chunk
+through ONE streaming loop, :func:`stream` (docs/design.md, "Streaming"). It walks the directions in *chunks*; within a chunk
 it makes the slices of a few directions (or of a range of slices of one direction) at a time, sends them
 through the encoder in batches of ``batch_size``, writes the per-slice results (scores ``(K,)`` or CAMs
 ``(K, h, w)``) into the chunk's buffer ``(B, K, n, S, ...)`` and hands the full buffer to a ``finish``
@@ -258,7 +258,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                         batch_size: Optional[int] = None, backend: str = "auto", progress: bool = False,
                         fill: float = 0.0, allow_nonfinite: bool = False, max_memory: Optional[int] = None,
                         timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (DESIGN.md §1, §3).
+    """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (docs/design.md, "The method", "Reconstruction").
 
     Args:
         volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype

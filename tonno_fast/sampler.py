@@ -1,4 +1,4 @@
-"""Random oblique slices for weakly-supervised training of a 2D encoder (DESIGN.md §1).
+"""Random oblique slices for weakly-supervised training of a 2D encoder (docs/design.md, "The method").
 
 The encoder of ToNNO is trained on slices cut at random orientations through volumes that carry only a
 volume-level label; every slice inherits the label of its volume. :class:`ObliqueSliceSampler` draws such

@@ -89,7 +89,7 @@ MD=()
 step bench 200 "$PY" benchmarks/gpu/bench.py ${MD[@]+"${MD[@]}"} ${BENCH_ARGS:-} && cat "$LOG/bench.log"
 
 # 5. The three pipelines end to end with a ResNet-18 under bf16 autocast, split into slicing / encoder /
-#    reconstruction (issue 6).
+#    reconstruction.
 step pipelines 90 "$PY" benchmarks/test_bench_pipeline.py --device cuda --model resnet18 --autocast bf16 \
   && cat "$LOG/pipelines.log"
 

@@ -1,4 +1,5 @@
-"""Averaged CAM, Tomographic CAM and the slice-wise 2D baseline (DESIGN.md §1), streamed (§5).
+"""Averaged CAM, Tomographic CAM and the slice-wise 2D baseline (docs/design.md, "The method"), streamed
+("Streaming").
 
 For every chunk of directions the loop of :func:`tonno_fast.pipeline.stream` produces the CAM stacks
 ``(B, K, n, S, h, w)`` (one 2D CAM per slice, in each direction's own frame); they are then
@@ -213,7 +214,7 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
                  batch_size: Optional[int] = None, max_memory: Optional[int] = None, backend: str = "auto",
                  progress: bool = False, fill: float = 0.0, allow_nonfinite: bool = False,
                  timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """Averaged CAM (DESIGN.md §1): 2D CAMs of every oblique slice, mapped back into the volume and averaged
+    """Averaged CAM (docs/design.md, "The method"): 2D CAMs of every oblique slice, mapped back into the volume and averaged
     over orientations with weights ``w_k / Σ w``.
 
     Args:
@@ -261,7 +262,7 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
                     max_memory: Optional[int] = None, backend: str = "auto", progress: bool = False,
                     fill: float = 0.0, allow_nonfinite: bool = False,
                     timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """Tomographic CAM (DESIGN.md §1): every orientation's CAM stack is filtered along the slice normal with
+    """Tomographic CAM (docs/design.md, "The method"): every orientation's CAM stack is filtered along the slice normal with
     the reconstruction ``filter`` (and ``window``) and backprojected with the quadrature weights ``w_k / 4π²``
     — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice it equals
     :func:`tonno_fast.tomographic_heatmap` with those scores. ``filter="none"`` is :func:`averaged_cam`.
