@@ -47,7 +47,7 @@ clean:
 # Triton tests are deselected: they do not run our C++.
 ASAN_DIR      := build/asan
 ASAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -fno-wrapv -g
-ASAN_TESTS    ?= tests/test_bad_inputs.py tests/test_fuzz.py tests/test_determinism.py $(wildcard tests/test_cpu*.py)
+ASAN_TESTS    ?= tests/ops tests/test_bad_inputs.py tests/test_fuzz.py tests/test_determinism.py
 ASAN_EXAMPLES ?= 10
 
 .PHONY: asan

@@ -113,3 +113,19 @@ def test_weights_default_and_mismatch():
 def test_make_geometry_rejects(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         make_geometry((8, 8, 8), **kw)
+
+
+def test_with_slices_is_a_range_of_the_stack():
+    """Slices k0 ≤ k < k1 of every stack (k beyond [0, S) too) as a geometry of their own: slice j is slice
+    k0 + j (the translation moved by k0 slice steps along the normal, the in-plane columns unchanged)."""
+    g = make_geometry((7, 8, 9), spacing=(1.5, 1.0, 0.8), n_directions=3, n_slices=5, slice_size=(6, 7))
+    M = g.slice_maps()
+    assert g.with_slices(0, 5) is g
+    for k0, k1 in ((0, 3), (1, 4), (-2, 1), (3, 8)):
+        part = g.with_slices(k0, k1)
+        assert part.n_slices == k1 - k0 and (part.height, part.width) == (g.height, g.width)
+        Mp = part.slice_maps()
+        torch.testing.assert_close(Mp[:, :, :3], M[:, :, :3], rtol=0, atol=1e-12)
+        torch.testing.assert_close(Mp[:, :, 3], M[:, :, 3] + k0 * M[:, :, 0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="must not be empty"):
+        g.with_slices(2, 2)

@@ -4,12 +4,11 @@ Turn a 2D image encoder into a 3D heatmap: slice the volume at many orientations
 invert the 3D Radon transform of the scores. docs/design.md has the maths and conventions:
 volumes are ``(B, C, D, H, W)`` with axes z, y, x and spacing in mm.
 """
-from .backend import backends, BackendUnavailable
 from .filters import apply_filter
 from .geometry import Geometry, fibonacci_directions, make_geometry, parse_directions
 from .io import load_nifti, save_nifti
-from .ops import (affine_grid_sample, backproject, backproject_slices, filtered_backprojection, radon,
-                  slice_volume)
+from .ops import (BackendUnavailable, affine_grid_sample, backends, backproject, backproject_slices,
+                  filtered_backprojection, radon, slice_volume)
 from .pipeline import encode_slices, tomographic_heatmap
 from .encoder import Encoder
 from .cam import averaged_cam, slicewise_cam, tomographic_cam

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backend import get_backend
+from .ops.registry import get_backend
 from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
 from .ops import filtered_backprojection

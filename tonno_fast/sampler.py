@@ -125,7 +125,7 @@ class ObliqueSliceSampler:
         balance: pick volumes so that each label value (``labels`` of shape ``(V,)``) is equally likely.
         fill: value read outside the volume; ``out_dtype``: dtype of the slices (e.g. ``torch.bfloat16``).
         device: where volumes live and slices are cut (default: the first volume's device).
-        backend: operator backend (see :mod:`tonno_fast.backend`).
+        backend: operator backend (see :mod:`tonno_fast.ops.registry`).
         seed: seed of the sampler's own ``torch.Generator`` (reproducible batches).
     """
 
