@@ -309,12 +309,6 @@ class Encoder:
 
     __call__ = scores
 
-    def probe_outputs(self, channels: int, height: int, width: int, dtype=torch.float32,
-                      device="cpu") -> int:
-        """Number ``K`` of selected outputs, found by scoring one blank slice ``(1, channels, h, w)``."""
-        blank = torch.zeros(1, channels, height, width, dtype=dtype, device=device)
-        return int(self.scores(blank).shape[1])
-
 
 def as_encoder(encoder, *, batch_size: Optional[int] = None) -> Encoder:
     """``encoder`` itself when it is an :class:`Encoder`, else ``Encoder(encoder)`` with no input adaptation
