@@ -300,3 +300,41 @@ def assert_thread_count_invariant(fn: Callable[[], object]) -> None:
     for a, b, c in zip(*(r if isinstance(r, (tuple, list)) else (r,) for r in (first, second, single))):
         assert torch.equal(a, b)
         assert torch.equal(a, c)
+
+
+def assert_deterministic(impl: Impl, forward: Callable, adjoint: Callable, adjoint_name: str,
+                         atomic: Optional[bool] = None) -> None:
+    """``forward()`` (a gather) is bitwise reproducible. The adjoint too on the CPU, for any thread count
+    (:func:`assert_thread_count_invariant`). On a GPU, under ``torch.use_deterministic_algorithms(True)``, an
+    adjoint that scatters with atomics (``atomic``, default ``impl.atomic``) refuses to run and names the op;
+    one that does not stays bitwise reproducible."""
+    assert torch.equal(forward(), forward())
+    if impl.device.type == "cpu":
+        assert_thread_count_invariant(adjoint)
+        return
+    with deterministic_algorithms():
+        assert torch.equal(forward(), forward())
+        if impl.atomic if atomic is None else atomic:
+            with pytest.raises(RuntimeError, match=adjoint_name):
+                adjoint()
+        else:
+            assert torch.equal(adjoint(), adjoint())
+
+
+def fuzz_against_reference(impl: Impl, make_input: Callable, op: Callable) -> None:
+    """Property-based test (``fuzzing.py``, hypothesis): for drawn cases (``case``, its geometry ``g``),
+    ``op(case, g)(x, backend=...)`` on ``impl`` equals the reference for ``x = make_input(case, g)``, forward,
+    backward and the adjoint identity."""
+    fuzzing = pytest.importorskip("fuzzing")  # needs hypothesis
+
+    @fuzzing.fuzz(impl.name)
+    def check(case):
+        g = case.geometry()
+        fuzzing.compare(case, impl.name, lambda: make_input(case, g), op(case, g))
+    check()
+
+
+def assert_raises(call: Callable, exc: type, pattern: str) -> None:
+    """A public function refuses a bad argument with ``exc`` and a message matching ``pattern``."""
+    with pytest.raises(exc, match=pattern):
+        call()

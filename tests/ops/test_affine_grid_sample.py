@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import tonno_fast as tf
-from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_matches, assert_rejects,
-                     assert_thread_count_invariant, backend, deterministic_algorithms, gradcheck, kernels,  # noqa: F401
-                     noncontig, opcheck, rand, random_theta)
+from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_deterministic,
+                     assert_matches, assert_raises, assert_rejects, deterministic_algorithms, gradcheck, noncontig,
+                     opcheck, rand, random_theta)
+from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.geometry import affine_theta_grad, affine_theta_maps
 
@@ -163,14 +164,11 @@ def test_deterministic(kernels):
     theta = kernels.to(random_theta(2).float())
     grad = rand(2, 2, 4, 3, 5, dtype=torch.float32, device=kernels.device)
     op, bwd = kernels.op("affine_grid_sample"), kernels.op("affine_grid_sample_backward")
-    assert torch.equal(op(vol, theta, [2, 2, 4, 3, 5], False), op(vol, theta, [2, 2, 4, 3, 5], False))
-    if kernels.atomic:
-        with deterministic_algorithms():
-            with pytest.raises(RuntimeError, match="affine_grid_sample_backward"):
-                bwd(grad, vol, theta, False, True, False)
-            assert torch.equal(bwd(grad, vol, theta, False, False, True)[1], bwd(grad, vol, theta, False, False, True)[1])
-    else:
-        assert_thread_count_invariant(lambda: bwd(grad, vol, theta, False, True, True))
+    assert_deterministic(kernels, lambda: op(vol, theta, [2, 2, 4, 3, 5], False),
+                         lambda: bwd(grad, vol, theta, False, True, kernels.device.type == "cpu"),
+                         "affine_grid_sample_backward")
+    with deterministic_algorithms():
+        assert torch.equal(bwd(grad, vol, theta, False, False, True)[1], bwd(grad, vol, theta, False, False, True)[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,8 +230,7 @@ def test_rejects_bad_arguments(kernels, case):
                  r"align_corners must be a bool", id="align_corners_int"),
 ])
 def test_public_op_rejects(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        call()
+    assert_raises(call, exc, pattern)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import tonno_fast
-from harness import GEOMETRIES, REFERENCE, against_reference, kernels, make_impl, rand, unavailable  # noqa: F401
+from harness import (GEOMETRIES, against_reference, make_impl, rand, unavailable)
+from harness import kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast.ops import contract, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # subprocesses import from here
@@ -60,7 +61,7 @@ def test_backends_reports_every_backend():
     assert all(isinstance(v, str) and v for v in state.values())
 
 
-def test_auto_picks_the_compiled_cpu_kernels(kernels):
+def test_auto_picks_the_compiled_kernels(kernels):
     """``backend="auto"`` reaches the compiled kernels for their device (cpu for CPU tensors; cuda, else
     triton, for CUDA tensors)."""
     if kernels.name == "triton" and unavailable("cuda") is None:
@@ -170,7 +171,7 @@ def test_kernels_compile_for_sm90_and_trace_as_triton_ops():
 
 
 @needs_triton
-def test_deterministic_mode_alert():
+def test_triton_deterministic_mode_alert():
     # The atomic-add adjoints refuse torch.use_deterministic_algorithms(True) for CUDA tensors; under the
     # interpreter (sequential programs) and on other devices they are deterministic and pass silently.
     from tonno_fast.ops.triton import _common
@@ -188,7 +189,7 @@ def test_deterministic_mode_alert():
 
 
 @needs_triton
-def test_small_blocks_and_many_tiles(monkeypatch):
+def test_triton_small_blocks_and_many_tiles(monkeypatch):
     """With the interpreter's block caps lowered (16 pixels / 64 voxels, 2 batch×channel rows), every kernel
     runs several programs per slice / voxel range (program offsets, masked tails, radon's pixel loop) and the
     backprojections several batch×channel tiles (B·K = 3: one full, one partial). Forward and adjoint against

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_matches,
-                     assert_rejects, assert_thread_count_invariant, backend, deterministic_algorithms,  # noqa: F401
-                     geometry, gradcheck, kernels, opcheck, rand, vjp)
+from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
+                     assert_matches, assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck,
+                     opcheck, rand, vjp)
+from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from conftest import gaussian_blobs
 from tonno_fast import ops
 
@@ -20,7 +21,7 @@ def backproject(g):
                                         g.weights.to(device=s.device, dtype=s.dtype), list(g.volume_shape))
 
 
-def _gather_adjoint(kernels) -> bool:
+def _atomic_adjoint(kernels) -> bool:
     """Whether ``backproject_backward`` scatters with atomics here (Triton on a GPU; CUDA's is a gather)."""
     return kernels.atomic and kernels.name != "cuda"
 
@@ -100,7 +101,7 @@ def test_adjoint_op_in_both_dtypes(kernels, dtype):
 def test_gradcheck(kernels):
     g = geometry("tiny", kernels)
     gradcheck(lambda s: backproject(g)(kernels.module, s), [rand(1, 2, g.n_directions, g.n_slices)], kernels,
-              atomic=_gather_adjoint(kernels))
+              atomic=_atomic_adjoint(kernels))
 
 
 def test_opcheck(kernels):
@@ -128,18 +129,9 @@ def test_deterministic(kernels):
     vm, w = kernels.to(g.volume_maps(dtype=torch.float32), g.weights.float())
     sino = rand(2, 2, g.n_directions, g.n_slices, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
-    fwd = lambda: kernels.op("backproject")(sino, vm, w, list(g.volume_shape))  # noqa: E731
-    bwd = lambda: kernels.op("backproject_backward")(grad, vm, w, g.n_slices)  # noqa: E731
-    if kernels.device.type == "cpu":
-        assert_thread_count_invariant(lambda: (fwd(), bwd()))
-        return
-    with deterministic_algorithms():
-        assert torch.equal(fwd(), fwd())
-        if _gather_adjoint(kernels):
-            with pytest.raises(RuntimeError, match="backproject_backward"):
-                bwd()
-        else:
-            assert torch.equal(bwd(), bwd())
+    assert_deterministic(kernels, lambda: kernels.op("backproject")(sino, vm, w, list(g.volume_shape)),
+                         lambda: kernels.op("backproject_backward")(grad, vm, w, g.n_slices), "backproject_backward",
+                         atomic=_atomic_adjoint(kernels))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,8 +190,7 @@ _N = _G.n_directions
                  r"filter must be one of", id="filtered_backprojection_filter"),
 ])
 def test_public_op_rejects(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        call()
+    assert_raises(call, exc, pattern)
 
 
 def test_public_op_shapes_beyond_int32_on_meta():
@@ -212,13 +203,9 @@ def test_public_op_shapes_beyond_int32_on_meta():
 # Fuzzing: random geometries and weights against the reference.
 
 def test_fuzz_against_reference(kernels):
-    fuzzing = pytest.importorskip("fuzzing")  # hypothesis
-    backend_name = kernels.name
-
-    @fuzzing.fuzz(backend_name)
-    def check(case):
-        g = case.geometry()
+    def op(case, g):
         w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) + 0.5
-        fuzzing.compare(case, backend_name, lambda: case.rand(case.batch, case.channels, g.n_directions, g.n_slices),
-                        lambda s, backend: ops.backproject(s, g, weights=w, backend=backend))
-    check()
+        return lambda s, backend: ops.backproject(s, g, weights=w, backend=backend)
+
+    fuzz_against_reference(kernels, lambda case, g: case.rand(case.batch, case.channels, g.n_directions, g.n_slices),
+                           op)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_rejects,
-                     assert_thread_count_invariant, backend, deterministic_algorithms, geometry,  # noqa: F401
-                     gradcheck, kernels, opcheck, rand)
+from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
+                     assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck, opcheck, rand)
+from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.filters import apply_filter
 
@@ -109,15 +109,9 @@ def test_deterministic(kernels):
     stack_shape = [g.n_slices, g.height, g.width]
     stacks = rand(2, 2, g.n_directions, *stack_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
-    fwd = lambda: kernels.op("backproject_slices")(stacks, vm, w, list(g.volume_shape))  # noqa: E731
-    bwd = lambda: kernels.op("backproject_slices_backward")(grad, vm, w, stack_shape)  # noqa: E731
-    assert torch.equal(fwd(), fwd())
-    if kernels.atomic:
-        with deterministic_algorithms():
-            with pytest.raises(RuntimeError, match="backproject_slices_backward"):
-                bwd()
-    else:
-        assert_thread_count_invariant(bwd)
+    assert_deterministic(kernels, lambda: kernels.op("backproject_slices")(stacks, vm, w, list(g.volume_shape)),
+                         lambda: kernels.op("backproject_slices_backward")(grad, vm, w, stack_shape),
+                         "backproject_slices_backward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,22 +197,17 @@ _STACKS = rand(1, 1, _G.n_directions, _G.n_slices, _G.height, _G.width, dtype=to
                  id="empty_k"),
 ])
 def test_public_op_rejects(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        call()
+    assert_raises(call, exc, pattern)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Fuzzing: random geometries and signed weights against the reference.
 
 def test_fuzz_against_reference(kernels):
-    fuzzing = pytest.importorskip("fuzzing")  # hypothesis
-    backend_name = kernels.name
-
-    @fuzzing.fuzz(backend_name)
-    def check(case):
-        g = case.geometry()
+    def op(case, g):
         w = torch.rand(g.n_directions, generator=case.generator(), dtype=torch.float64) - 0.5
-        shape = (case.batch, case.channels, g.n_directions, g.n_slices, g.height, g.width)
-        fuzzing.compare(case, backend_name, lambda: case.rand(*shape),
-                        lambda s, backend: ops.backproject_slices(s, g, weights=w, backend=backend))
-    check()
+        return lambda s, backend: ops.backproject_slices(s, g, weights=w, backend=backend)
+
+    fuzz_against_reference(
+        kernels, lambda case, g: case.rand(case.batch, case.channels, g.n_directions, g.n_slices, g.height, g.width),
+        op)

@@ -9,9 +9,10 @@ import torch
 
 import tonno_fast as tf
 from conftest import gaussian_blobs
-from harness import (GEOMETRIES, against_reference, assert_adjoint, assert_compiles, assert_matches, assert_rejects,
-                     assert_thread_count_invariant, backend, deterministic_algorithms, geometry, gradcheck,  # noqa: F401
-                     kernels, noncontig, opcheck, rand)
+from harness import (GEOMETRIES, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
+                     assert_matches, assert_rejects, fuzz_against_reference, geometry, gradcheck, noncontig, opcheck,
+                     rand)
+from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 
 
 def radon(g, scale=None):
@@ -123,16 +124,9 @@ def test_deterministic(kernels):
     maps = kernels.to(g.slice_maps(dtype=torch.float32))
     vol = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, g.n_directions, g.n_slices, dtype=torch.float32, device=kernels.device)
-    fwd = lambda: kernels.op("radon")(vol, maps, g.n_slices, g.height, g.width, 1.0)  # noqa: E731
-    bwd = lambda: kernels.op("radon_backward")(grad, maps, g.height, g.width, 1.0, list(g.volume_shape))  # noqa
-    assert torch.equal(fwd(), fwd())
-    if kernels.atomic:
-        with deterministic_algorithms():
-            assert torch.equal(fwd(), fwd())
-            with pytest.raises(RuntimeError, match="radon_backward"):
-                bwd()
-    else:
-        assert_thread_count_invariant(bwd)
+    assert_deterministic(kernels, lambda: kernels.op("radon")(vol, maps, g.n_slices, g.height, g.width, 1.0),
+                         lambda: kernels.op("radon_backward")(grad, maps, g.height, g.width, 1.0, list(g.volume_shape)),
+                         "radon_backward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,12 +199,5 @@ def test_more_than_2_31_samples_per_plane(kernels):
 # Fuzzing: random geometries against the reference.
 
 def test_fuzz_against_reference(kernels):
-    fuzzing = pytest.importorskip("fuzzing")  # hypothesis
-    backend_name = kernels.name
-
-    @fuzzing.fuzz(backend_name)
-    def check(case):
-        g = case.geometry()
-        fuzzing.compare(case, backend_name, lambda: case.rand(case.batch, case.channels, *case.shape),
-                        lambda v, backend: tf.radon(v, g, backend=backend))
-    check()
+    fuzz_against_reference(kernels, lambda case, g: case.rand(case.batch, case.channels, *case.shape),
+                           lambda case, g: lambda v, backend: tf.radon(v, g, backend=backend))

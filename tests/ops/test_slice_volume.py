@@ -6,9 +6,9 @@ import torch
 
 import tonno_fast as tf
 from harness import (GEOMETRIES, REFERENCE, TOL, against_reference, assert_adjoint, assert_close_elementwise,
-                     assert_compiles, assert_rejects, assert_thread_count_invariant,
-                     backend, deterministic_algorithms, geometry, gradcheck, kernels, noncontig, opcheck,  # noqa: F401
-                     rand, ulp)
+                     assert_compiles, assert_deterministic, assert_raises, assert_rejects, fuzz_against_reference,
+                     geometry, gradcheck, noncontig, opcheck, rand, ulp)
+from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 
 
@@ -178,16 +178,9 @@ def test_deterministic(kernels):
     sm = kernels.to(g.slice_maps(dtype=torch.float32))
     vol = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, g.n_directions, g.n_slices, 2, g.height, g.width, dtype=torch.float32, device=kernels.device)
-    fwd = lambda: kernels.op("slice_volume")(vol, sm, g.n_slices, g.height, g.width, 0.0, None)  # noqa: E731
-    bwd = lambda: kernels.op("slice_volume_backward")(grad, sm, list(g.volume_shape))  # noqa: E731
-    assert torch.equal(fwd(), fwd())
-    if kernels.atomic:
-        with deterministic_algorithms():
-            assert torch.equal(fwd(), fwd())
-            with pytest.raises(RuntimeError, match="slice_volume_backward"):
-                bwd()
-    else:
-        assert_thread_count_invariant(bwd)
+    assert_deterministic(kernels, lambda: kernels.op("slice_volume")(vol, sm, g.n_slices, g.height, g.width, 0.0, None),
+                         lambda: kernels.op("slice_volume_backward")(grad, sm, list(g.volume_shape)),
+                         "slice_volume_backward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,23 +345,15 @@ _V5 = rand(1, 1, *_G.volume_shape, dtype=torch.float32)
                  id="not_tensor"),
 ])
 def test_public_op_rejects(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        call()
+    assert_raises(call, exc, pattern)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Fuzzing: random geometries against the reference.
 
 def test_fuzz_against_reference(kernels):
-    fuzzing = pytest.importorskip("fuzzing")  # hypothesis
-    backend_name = kernels.name
-
-    @fuzzing.fuzz(backend_name)
-    def check(case):
-        g = case.geometry()
-        fuzzing.compare(case, backend_name, lambda: case.rand(case.batch, case.channels, *case.shape),
-                        lambda v, backend: ops.slice_volume(v, g, fill=case.fill, backend=backend))
-    check()
+    fuzz_against_reference(kernels, lambda case, g: case.rand(case.batch, case.channels, *case.shape),
+                           lambda case, g: lambda v, backend: ops.slice_volume(v, g, fill=case.fill, backend=backend))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])

@@ -251,8 +251,9 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
                     timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
     """Tomographic CAM (docs/design.md, "The method"): every orientation's CAM stack is filtered along the slice
     normal with the reconstruction ``filter`` (and ``window``) and backprojected with the quadrature weights
-    ``w_k / 4π²`` — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice it equals
-    :func:`tonno_fast.tomographic_heatmap` with those scores. ``filter="none"`` is :func:`averaged_cam`.
+    ``w_k / 4π²`` — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice
+    it equals :func:`tonno_fast.tomographic_heatmap` with those scores. ``filter="none"`` is
+    :func:`averaged_cam`.
 
     Arguments and return value as :func:`averaged_cam`, plus ``filter`` (``"ramp2"``, ``"laplacian"``,
     ``"ramp"``, ``"none"``) and ``window`` (``None``, ``"shepp-logan"``, ``"cosine"``, ``"hamming"``,

@@ -340,7 +340,8 @@ CONTRACTS["affine_grid_sample"] = Contract(
     "(Tensor volume, Tensor theta, int[] size, bool align_corners) -> Tensor",
     check=_affine_check, output=lambda volume, theta, size, align_corners: _new(volume, size))
 CONTRACTS["affine_grid_sample_backward"] = Contract(
-    "(Tensor grad, Tensor volume, Tensor theta, bool align_corners, bool volume_grad, bool theta_grad) -> (Tensor, Tensor)",
+    "(Tensor grad, Tensor volume, Tensor theta, bool align_corners, bool volume_grad, bool theta_grad) "
+    "-> (Tensor, Tensor)",
     check=_affine_backward_check, output=_affine_backward_output)
 CONTRACTS["affine_sample"] = Contract(
     "(Tensor volume, Tensor maps, int[] size) -> Tensor",

@@ -94,10 +94,11 @@ def make_problems(volume: int = 128, directions: int = 64, slices: Optional[int]
                              lambda be, a: be.radon(a["x"], a["maps"], S, h, w, g.pixel_area)))
     if "backproject" in ops:
         def bp_inputs(dev):
-            return {"x": _rand(1, 1, N, S, device=dev, seed=1), "maps": g.volume_maps(dtype=torch.float32, device=dev),
+            return {"x": _rand(1, 1, N, S, device=dev, seed=1),
+                    "maps": g.volume_maps(dtype=torch.float32, device=dev),
                     "w": g.weights.to(device=dev, dtype=torch.float32)}
-        probs.append(Problem("backproject", f"{N}×{S} → {volume}³", N * volume ** 3, "updates", N * S * f32, vol_bytes,
-                             bp_inputs, lambda be, a: be.backproject(a["x"], a["maps"], a["w"], list(size))))
+        probs.append(Problem("backproject", f"{N}×{S} → {volume}³", N * volume ** 3, "updates", N * S * f32,
+                             vol_bytes, bp_inputs, lambda be, a: be.backproject(a["x"], a["maps"], a["w"], list(size))))
     if "backproject_slices" in ops:
         n_small = stack_volume or volume
         gs = make_geometry((n_small,) * 3, n_directions=stack_directions)
@@ -115,9 +116,10 @@ def make_problems(volume: int = 128, directions: int = 64, slices: Optional[int]
         out_size = [affine_batch, 1, *size]
 
         def aff_inputs(dev):
-            return {"x": _rand(affine_batch, 1, *size, device=dev, seed=3), "theta": rotations(affine_batch).to(dev)}
+            return {"x": _rand(affine_batch, 1, *size, device=dev, seed=3),
+                    "theta": rotations(affine_batch).to(dev)}
         probs.append(Problem(
-            "affine_grid_sample", f"{affine_batch}×{volume}³ → {affine_batch}×{volume}³", affine_batch * volume ** 3,
-            "samples", affine_batch * vol_bytes, affine_batch * vol_bytes, aff_inputs,
+            "affine_grid_sample", f"{affine_batch}×{volume}³ → {affine_batch}×{volume}³",
+            affine_batch * volume ** 3, "samples", affine_batch * vol_bytes, affine_batch * vol_bytes, aff_inputs,
             lambda be, a: be.affine_grid_sample(a["x"], a["theta"], out_size, False), ("x", "theta")))
     return probs

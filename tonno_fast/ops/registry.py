@@ -83,4 +83,7 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
     mod = _load(name)
     if mod is None:
         raise BackendUnavailable(f"backend={name!r} is unavailable: {_errors[name]}")
+    if name == "triton" and device.type != "cuda" and not mod.INTERPRETED:
+        raise BackendUnavailable(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                                 f"imported), got tensors on {device}")
     return mod

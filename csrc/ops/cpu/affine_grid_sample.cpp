@@ -145,10 +145,7 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_cpu(const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("affine_sample", &affine_sample_cpu);
-  m.impl("affine_sample_backward", &affine_sample_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, affine_sample, affine_sample_cpu, affine_sample_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

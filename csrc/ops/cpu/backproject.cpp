@@ -102,10 +102,7 @@ at::Tensor backproject_backward_cpu(const at::Tensor& grad, const at::Tensor& ma
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("backproject", &backproject_cpu);
-  m.impl("backproject_backward", &backproject_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, backproject, backproject_cpu, backproject_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

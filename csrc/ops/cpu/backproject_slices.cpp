@@ -118,10 +118,7 @@ at::Tensor backproject_slices_backward_cpu(const at::Tensor& grad, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("backproject_slices", &backproject_slices_cpu);
-  m.impl("backproject_slices_backward", &backproject_slices_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, backproject_slices, backproject_slices_cpu, backproject_slices_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "tonno_fast/checks.h"
+#include "tonno_fast/registration.h"
 #include "tonno_fast/maths.h"
 
 namespace tonno_fast {

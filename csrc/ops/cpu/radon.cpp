@@ -62,10 +62,7 @@ at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("radon", &radon_cpu);
-  m.impl("radon_backward", &radon_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, radon, radon_cpu, radon_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

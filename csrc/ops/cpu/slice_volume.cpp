@@ -70,10 +70,7 @@ at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& m
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("slice_volume", &slice_volume_cpu);
-  m.impl("slice_volume_backward", &slice_volume_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, slice_volume, slice_volume_cpu, slice_volume_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

@@ -173,10 +173,7 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_cuda(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("affine_sample", &affine_sample_cuda);
-  m.impl("affine_sample_backward", &affine_sample_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, affine_sample, affine_sample_cuda, affine_sample_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

@@ -195,10 +195,7 @@ at::Tensor backproject_backward_cuda(const at::Tensor& grad_in, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("backproject", &backproject_cuda);
-  m.impl("backproject_backward", &backproject_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, backproject, backproject_cuda, backproject_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

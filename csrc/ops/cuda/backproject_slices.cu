@@ -133,10 +133,7 @@ at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("backproject_slices", &backproject_slices_cuda);
-  m.impl("backproject_slices_backward", &backproject_slices_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, backproject_slices, backproject_slices_cuda, backproject_slices_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

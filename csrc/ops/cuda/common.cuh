@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "tonno_fast/checks.h"
+#include "tonno_fast/registration.h"
 #include "tonno_fast/maths.h"
 
 namespace tonno_fast {

@@ -115,10 +115,7 @@ at::Tensor radon_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("radon", &radon_cuda);
-  m.impl("radon_backward", &radon_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, radon, radon_cuda, radon_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

@@ -156,10 +156,7 @@ at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("slice_volume", &slice_volume_cuda);
-  m.impl("slice_volume_backward", &slice_volume_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, slice_volume, slice_volume_cuda, slice_volume_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

@@ -3,7 +3,7 @@ op modules (:mod:`tonno_fast.ops.triton`) and the contract (:mod:`tonno_fast.ops
 
 ``backend.<op>`` is the op with the arguments of the other backends; two take the Triton-only fusions as
 keywords: :func:`slice_volume` (``window``, ``replicate_channels``) and
-:func:`backproject_slices` (``laplacian_spacing``). Importing this package never fails, even where ``triton`` is
+:func:`backproject_slices` (``laplacian_spacing``). Importing this module never fails, even where ``triton`` is
 missing or broken: the error is kept and :func:`unavailable_reason` reports it. The kernels run on CUDA
 tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported: that is how
 CI tests them; the interpreter is far too slow for real sizes).
@@ -61,7 +61,7 @@ if _IMPORT_ERROR is None:
 
 def __getattr__(name: str):
     """``backend.radon`` is ``torch.ops.tonno_fast_triton.radon`` (every op of the contract)."""
-    if name in contract.CONTRACTS and _IMPORT_ERROR is None:
+    if name in contract.CONTRACTS and contract.CONTRACTS[name].triton and _IMPORT_ERROR is None:
         return getattr(torch.ops.tonno_fast_triton, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
