@@ -5,7 +5,7 @@ torch it may fail with undefined symbols, or load and then crash or compute garb
 for must therefore be known *without* loading it. The build (``setup.py``, or ``CMakeLists.txt``) writes a
 small JSON *build record*, ``_C.build.json``, beside the shared library; :func:`load_compiled` compares it
 with the running torch before importing ``tonno_fast._C`` and raises :class:`ImportError` with a one-line
-reason and the command that rebuilds it when they differ. ``tonno_fast.backend.native`` calls it; the
+reason and the command that rebuilds it when they differ. ``tonno_fast.ops.native`` calls it; the
 backend registry then reports that reason in ``tonno_fast.backends()`` and falls back to the reference
 backend with a one-line warning.
 
