@@ -537,7 +537,7 @@ def test_cli_reconstruction(tmp_path, scan, torchscript, capsys):
     heat = np.asarray(nib.load(str(out)).dataobj)
     assert heat.shape == (10, 12, 8) and heat.min() >= 0 and heat[3:6, 4:8, 2:5].mean() > 2 * heat.mean()
     assert main(base + ["--reconstruction", "sirt", "--no-nonneg", "--adjoint", "backproject",
-                        "--score-transform", "softplus", "--score-baseline", "median"]) == 0
+                        "--score-transform", "softplus", "--score-baseline", "median", "--overwrite"]) == 0
     for extra, msg in [(["--reconstruction", "cgls", "--nonneg"], "nonneg=True is not available"),
                        (["--tv", "0.1"], "--tv applies to an iterative --reconstruction"),
                        (["--reconstruction", "sirt", "--tv", "0.1"], "tv > 0 needs method='fista'")]:

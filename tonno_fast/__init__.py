@@ -36,3 +36,9 @@ __all__ += ["ObliqueSliceSampler", "SliceBatch", "sample_directions", "train_enc
 from .reconstruction import calibrate_scores, reconstruct
 
 __all__ += ["reconstruct", "calibrate_scores"]
+
+# Cohorts (folders, globs, lists of scans; never over an input; resumable) and several processes (torchrun).
+from .cohort import CohortReport, heatmap_file, heatmap_files
+from .memory import MemoryBudgetError
+
+__all__ += ["heatmap_files", "heatmap_file", "CohortReport", "MemoryBudgetError"]

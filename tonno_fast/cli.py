@@ -4,12 +4,15 @@
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.models:make_net --weights net.pt \\
         --method tomographic-cam --target-layer features.3 --png overlay.png
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt --directions 16 --reconstruction fista
+    tonno-fast heatmap -i scans/ -o heatmaps/ --encoder model.pt            # a folder, a glob or a list file
+    torchrun --nproc-per-node 4 -m tonno_fast heatmap -i scans/ -o heatmaps/ --encoder model.pt
     tonno-fast demo [--quick] [--out DIR]
     tonno-fast bench
 
 Errors a user can cause (missing or unreadable file, a 2D image, an encoder that cannot be loaded, a bad
-option) print one line ``tonno-fast: error: ...`` on stderr and exit with status 2; nothing else prints a
-traceback unless ``--debug`` is given.
+option, a run too large for the memory) print one line ``tonno-fast: error: ...`` on stderr and exit with status
+2; nothing else prints a traceback unless ``--debug`` is given. With several scans, a failing scan prints
+``tonno-fast: failed: SCAN: ...``, the others go on, and the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
-__all__ = ["main", "build_parser", "load_encoder", "CLIError"]
+from .cohort import PIPELINES as METHODS
 
-METHODS = ("tonno", "averaged-cam", "tomographic-cam")
+__all__ = ["main", "build_parser", "load_encoder", "CLIError"]
 
 
 class CLIError(Exception):
@@ -113,13 +116,11 @@ def _single_score(encoder, class_index: Optional[int]) -> Callable:
 
 # ------------------------------------------------------------------------------------------------- subcommands
 def cmd_heatmap(args) -> int:
-    import torch
+    """One scan, or a cohort (a folder, a glob, a list): see :mod:`tonno_fast.cohort`. Under ``torchrun`` the
+    ranks share the scans (``--split files``) or each scan's directions (``--split directions``)."""
+    from .cohort import CohortError, shared_plan
+    from .distributed import session
 
-    from .io import load_nifti, save_nifti
-
-    out = Path(args.output)
-    if not (out.name.lower().endswith(".nii") or out.name.lower().endswith(".nii.gz")):
-        raise CLIError(f"--output {out}: must end in .nii or .nii.gz")
     if args.png is not None and not str(args.png).lower().endswith(".png"):
         raise CLIError(f"--png {args.png}: must end in .png")
     if args.directions < 1:
@@ -130,45 +131,115 @@ def cmd_heatmap(args) -> int:
         raise CLIError(f"--method {args.method} needs --target-layer (the name of a conv layer, e.g. features.3; "
                        f"see model.named_modules())")
     recon = _reconstruction_args(args)
+    with session(_resolve_device(args.device)) as (ctx, device):
+        try:
+            plan = shared_plan(args.input, args.output, overwrite=args.overwrite, ctx=ctx)
+        except CohortError as exc:
+            raise CLIError(str(exc)) from None
+        if args.png is not None and len(plan.jobs) > 1:
+            raise CLIError(f"--png draws one scan; {len(plan.jobs)} inputs were given (run the scan you want to "
+                           f"draw on its own)")
+        split = args.split or ("directions" if len(plan.jobs) == 1 else "files")
+        group = ctx.group if ctx.distributed and split == "directions" else None
+        model = load_encoder(args.encoder, args.weights, device)
+        common = dict(n_directions=args.directions, batch_size=args.batch_size,
+                      progress=plan.single and ctx.is_main and not args.quiet)
+        if args.slice_size is not None:
+            common["slice_size"] = args.slice_size
+        if args.pixel_spacing is not None:
+            common["pixel_spacing"] = args.pixel_spacing
+        if args.max_memory is not None:
+            common["max_memory"] = args.max_memory
+        if group is not None:
+            common["process_group"] = group
+        if args.method == "tonno":
+            from .pipeline import tomographic_heatmap
+            score = _single_score(model, args.class_index)
+
+            def compute(volume, spacing):
+                return tomographic_heatmap(volume, score, spacing=spacing, filter=args.filter, window=args.window,
+                                           **recon, **common)
+        else:
+            compute = _cam_heatmap(args, model, common)
+        one = _scan_runner(args, compute, device, write=group is None or ctx.is_main)
+        if plan.single:
+            if ctx.distributed and group is None and not ctx.is_main:
+                return 0  # --split files with one scan: rank 0 maps it
+            return _heatmap_single(args, plan, one, ctx)
+        return _heatmap_cohort(args, plan, one, ctx, split)
+
+
+def _scan_runner(args, compute, device, write: bool) -> Callable:
+    """The single-scan body: read, compute, write atomically (``write``: this rank writes), overlay, report."""
+    from .cohort import process_scan
+    from .memory import MemoryBudgetError
+
+    def one(job) -> None:
+        t0 = time.perf_counter()
+        try:
+            scan, heat = process_scan(job, compute, device=device, write=write)
+        except MemoryBudgetError as exc:
+            flag = _MEMORY_FLAGS.get(exc.parameter)
+            hint = f" (on the command line: {flag})" if flag else ""
+            raise MemoryBudgetError(f"{exc}{hint}", exc.estimate, exc.available, exc.parameter) from None
+        if not write:
+            return
+        msg = f"wrote {job.output} ({args.method}, {args.directions} directions, {time.perf_counter() - t0:.1f} s)"
+        if args.png is not None:
+            from .viz import overlay_png
+            overlay_png(args.png, scan.data, {args.method: heat.cpu()}, spacing=scan.spacing,
+                        title=f"{Path(job.input).name}: {args.method}")
+            msg += f" and {args.png}"
+        if not args.quiet:
+            print(msg, flush=True)
+    return one
+
+
+#: The option that lowers each part of a memory estimate (see tonno_fast.memory).
+_MEMORY_FLAGS = {"n_directions": "lower --directions", "max_memory": "lower --max-memory",
+                 "batch_size": "lower --batch-size", "slice_size": "lower --slice-size or raise --pixel-spacing",
+                 "reconstruction": "--reconstruction fbp", "outputs": "choose one output with --class-index"}
+
+
+def _heatmap_single(args, plan, one, ctx) -> int:
+    """One scan named directly: errors are the command's errors (one line, exit 2 for a bad scan)."""
+    from .cohort import ScanError
+
+    if not plan.pending:
+        if ctx.is_main:
+            print(f"tonno-fast: skipped {plan.jobs[0].output}: it exists (--overwrite recomputes it)",
+                  file=sys.stderr)
+        return 0
     try:
-        scan = load_nifti(args.input)
-    except FileNotFoundError:
-        raise CLIError(f"--input: no such file: {args.input}") from None
-    except ValueError as exc:
+        one(plan.pending[0])
+    except ScanError as exc:
         raise CLIError(f"--input: {exc}") from None
-    if min(scan.data.shape) < 2:
-        raise CLIError(f"--input {args.input}: a 3D volume is needed, got shape {tuple(scan.data.shape)} "
-                       f"(a 2D image or a single slice)")
-    device = _resolve_device(args.device)
-    model = load_encoder(args.encoder, args.weights, device)
-    volume = scan.data.to(device)
-    common = dict(n_directions=args.directions, spacing=scan.spacing, batch_size=args.batch_size,
-                  progress=not args.quiet)
-    if args.slice_size is not None:
-        common["slice_size"] = args.slice_size
-    if args.pixel_spacing is not None:
-        common["pixel_spacing"] = args.pixel_spacing
-    t0 = time.perf_counter()
-    if args.method == "tonno":
-        from .pipeline import tomographic_heatmap
-        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter,
-                                   window=args.window, **recon, **common)
-    else:
-        heat = _cam_heatmap(args, model, volume, common)
-    heat = heat.reshape(heat.shape[-3:]) if heat.ndim > 3 and heat.numel() == heat.shape[-3:].numel() else heat
-    if heat.ndim != 3:
-        raise CLIError(f"the method returned a heatmap of shape {tuple(heat.shape)}; expected one 3D map "
-                       f"(use --class-index for a multi-output encoder)")
-    save_nifti(out, heat.float().cpu(), scan.affine, header=scan.header)
-    msg = f"wrote {out} ({args.method}, {args.directions} directions, {time.perf_counter() - t0:.1f} s)"
-    if args.png is not None:
-        from .viz import overlay_png
-        overlay_png(args.png, scan.data, {args.method: heat.cpu()}, spacing=scan.spacing,
-                    title=f"{Path(args.input).name}: {args.method}")
-        msg += f" and {args.png}"
-    if not args.quiet:
-        print(msg)
     return 0
+
+
+def _heatmap_cohort(args, plan, one, ctx, split: str) -> int:
+    """Many scans: a failing scan is reported and the others go on; rank 0 prints the summary."""
+    from .cohort import Fatal, run_jobs
+
+    def guarded(job) -> None:
+        try:
+            one(job)
+        except CLIError as exc:  # an option that fails every scan: stop the run
+            raise Fatal(str(exc)) from exc
+
+    def report_failure(res) -> None:
+        if res.status == "failed":
+            print(f"tonno-fast: failed: {res.input}: {res.error}", file=sys.stderr, flush=True)
+
+    try:
+        report = run_jobs(plan, guarded, fail_fast=args.fail_fast, split=split, ctx=ctx, on_result=report_failure)
+    except Fatal as exc:
+        raise CLIError(str(exc)) from None
+    if ctx.is_main and (not args.quiet or not report.ok):
+        print(f"tonno-fast: {report.summary()}", file=sys.stdout if report.ok else sys.stderr, flush=True)
+    # Rank 0 alone carries the failure in its status: a rank that exits non-zero first makes torchrun stop the
+    # others, which could cut rank 0 off before its summary.
+    return 0 if report.ok or not ctx.is_main else 1
 
 
 def _reconstruction_args(args) -> dict:
@@ -193,6 +264,15 @@ def _reconstruction_args(args) -> dict:
     return dict(reconstruction=args.reconstruction, reconstruction_options=given or None, **calibration)
 
 
+def _byte_size(text: str) -> int:
+    """argparse type of --max-memory: a size such as 512M or 2G."""
+    from .memory import parse_bytes
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _score_baseline(text: str):
     """argparse type of --score-baseline: 'median' or a quantile in [0, 1]."""
     if text == "median":
@@ -206,8 +286,9 @@ def _score_baseline(text: str):
     return q
 
 
-def _cam_heatmap(args, model, volume, common):
-    """Averaged / Tomographic CAM through the library's CAM functions (tonno_fast.cam)."""
+def _cam_heatmap(args, model, common) -> Callable:
+    """Averaged / Tomographic CAM through the library's CAM functions (tonno_fast.cam): the options are checked
+    here, once; returns ``compute(volume, spacing) -> heatmap``."""
     import torch
 
     try:
@@ -223,11 +304,14 @@ def _cam_heatmap(args, model, volume, common):
         some = ", ".join(n for n in list(names)[1:12])
         raise CLIError(f"--target-layer {args.target_layer!r} is not a layer of the encoder (layers: {some}, ...)")
     kwargs = dict(common)
-    kwargs.pop("progress", None)
+    progress = kwargs.pop("progress", False)
     if args.cam is not None:
         kwargs["method"] = args.cam
-    return fn(volume, model, target_layers=[names[args.target_layer]], targets=args.class_index,
-              progress=not args.quiet, **kwargs)
+
+    def compute(volume, spacing):
+        return fn(volume, model, target_layers=[names[args.target_layer]], targets=args.class_index,
+                  spacing=spacing, progress=progress, **kwargs)
+    return compute
 
 
 def cmd_demo(args) -> int:
@@ -312,17 +396,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser(
         "heatmap", help="compute a 3D heatmap of a NIfTI scan with a 2D encoder",
-        description="Compute a 3D heatmap of a NIfTI scan (.nii/.nii.gz) with a 2D encoder and save it as NIfTI "
-                    "with the scan's affine, so it overlays the scan in any viewer.",
+        description="Compute a 3D heatmap of a NIfTI scan (.nii/.nii.gz), or of every scan of a folder, glob or "
+                    "list, with a 2D encoder and save each as NIfTI with its scan's affine, so it overlays the scan "
+                    "in any viewer. Outputs are written atomically and never over an input; existing outputs are "
+                    "skipped unless --overwrite. Under torchrun the processes share the work.",
         epilog="Examples:\n"
                "  tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt\n"
                "  tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.nets:make_net "
-               "--weights net.pt --method tomographic-cam --target-layer features.3 --png overlay.png\n\n"
+               "--weights net.pt --method tomographic-cam --target-layer features.3 --png overlay.png\n"
+               "  tonno-fast heatmap -i scans/ -o heatmaps/ --encoder model.pt\n"
+               "  torchrun --nproc-per-node 4 -m tonno_fast heatmap -i 'scans/*.nii.gz' -o heatmaps/ "
+               "--encoder model.pt\n\n"
                "The encoder gets (M, C, h, w) slices of the scan (C = the scan's channels, usually 1) with the "
                "scan's intensities, and must return one score (logit) per slice, or several with --class-index.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    h.add_argument("-i", "--input", required=True, metavar="SCAN", help="input scan, .nii or .nii.gz (3D)")
-    h.add_argument("-o", "--output", required=True, metavar="HEATMAP", help="output heatmap, .nii or .nii.gz")
+    h.add_argument("-i", "--input", required=True, metavar="INPUT",
+                   help="input scan (.nii or .nii.gz, 3D), a folder of scans, a glob pattern in quotes "
+                        "('data/*/t1.nii.gz'), or a text file listing scans one a line")
+    h.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="output heatmap (.nii or .nii.gz) for one scan, or a folder: each heatmap is written as "
+                        "OUTPUT/<the scan's file name>; never an input or an input's folder")
+    h.add_argument("--overwrite", action="store_true",
+                   help="recompute scans whose output exists (default: skip them, so rerunning a command after an "
+                        "interruption finishes the rest)")
+    h.add_argument("--fail-fast", action="store_true", help="stop at the first scan that fails (default: report "
+                   "it and go on with the others)")
+    h.add_argument("--split", choices=("files", "directions"),
+                   help="under torchrun: give each process a share of the scans (files, the default for several "
+                        "scans) or of every scan's slicing directions (directions, the default for one scan)")
     h.add_argument("--encoder", required=True, metavar="MODEL",
                    help="a TorchScript file (torch.jit.script(model).save('model.pt')), or "
                         "package.module:factory, a function that builds the nn.Module (use with --weights)")
@@ -369,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: the GPU when there is one)")
     h.add_argument("--batch-size", type=int, default=256, metavar="M", help="slices per encoder call (default 256)")
+    h.add_argument("--max-memory", type=_byte_size, metavar="SIZE",
+                   help="memory for slices and CAM stacks in flight, e.g. 512M or 2G (default 1G); runs that cannot "
+                        "fit in the available memory stop before they allocate, naming the option to lower")
     h.add_argument("--png", metavar="FILE", help="also write an overlay picture (three orthogonal views)")
     h.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     h.set_defaults(func=cmd_heatmap)
@@ -406,8 +510,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CLIError as exc:
-        print(f"tonno-fast: error: {exc}", file=sys.stderr)
+    except (CLIError, MemoryError) as exc:  # MemoryBudgetError: raised before allocating, names what to lower
+        text = str(exc).strip().splitlines()
+        print(f"tonno-fast: error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tonno-fast: interrupted", file=sys.stderr)

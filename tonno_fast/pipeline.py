@@ -30,8 +30,10 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .distributed import all_or_none, reconstruct_split, split_directions
 from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
+from .memory import check_pipeline, geometry_dims
 from .ops import slice_volume
 from .reconstruction import check_reconstruction, reconstruct
 from .validation import as_volume5d, finite_float
@@ -141,7 +143,8 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
                   finish: Callable[[int, int, torch.Tensor], None], *, stats=None,
                   batch_size: int = DEFAULT_BATCH_SIZE, max_memory: Optional[int] = None,
                   held_bytes_per_direction: int = 0, buffer_dtype: torch.dtype = torch.float32,
-                  progress: bool = False, timings: Optional[Dict[str, float]] = None) -> None:
+                  progress: bool = False, timings: Optional[Dict[str, float]] = None,
+                  on_outputs: Optional[Callable[[int], None]] = None) -> None:
     """The one streaming loop of every pipeline (see the module docstring).
 
     Args:
@@ -157,6 +160,8 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
         max_memory: bytes (default :data:`DEFAULT_MAX_MEMORY`) shared as in the module docstring.
         held_bytes_per_direction: size of one direction of the chunk buffer (0 for scores).
         timings: if a dict, receives seconds spent in ``"slicing"``, ``"encoder"`` and ``"reconstruction"``.
+        on_outputs: called with ``K`` once the first batch shows it, before the first chunk buffer is
+            allocated (the pipelines check their memory estimate there).
     """
     budget = resolve_max_memory(max_memory)
     N, S, h, w = slicer.n_directions, slicer.n_slices, slicer.height, slicer.width
@@ -206,6 +211,8 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
                     del x, flat, parts
                     res = res.reshape(B, a1 - a0, k1 - k0, *res.shape[1:]).movedim(3, 1)  # (B,K,n,L,...)
                     if buffer is None:
+                        if on_outputs is not None and n0 == 0:
+                            on_outputs(K)
                         buffer = torch.empty((B, K, n1 - n0, S) + tuple(res.shape[4:]), dtype=buffer_dtype,
                                              device=vol.device)
                     buffer[:, :, a0 - n0:a1 - n0, k0:k1] = res
@@ -227,6 +234,7 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     autocast apply) or any callable ``(M, C, h, w) → (M,)``/``(M, K)``, called under ``torch.no_grad()`` in
     batches of at most ``batch_size`` slices (default: the Encoder's, else 256). Scores come back in the
     volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`encode_chunks`).
+    Raises :class:`~tonno_fast.memory.MemoryBudgetError` before the sinogram is allocated when it cannot fit.
     """
     enc = as_encoder(encoder)
     batch_size = resolve_batch_size(batch_size, enc)
@@ -238,8 +246,13 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     def finish(n0, n1, buf):  # buf (B, K, n, S)
         sino[n0] = buf
 
+    def check(K):  # before the sinogram is allocated
+        dims = (geometry.n_directions, geometry.n_slices, geometry.height, geometry.width)
+        check_pipeline("encode_slices", vol, enc, dims, kind="scores", outputs=K, batch_size=batch_size,
+                       max_memory=resolve_max_memory(max_memory))
+
     encode_chunks(slicer, enc, enc.scores, finish, stats=stats, batch_size=batch_size, max_memory=max_memory,
-                  buffer_dtype=volume.dtype, progress=progress, timings=timings)
+                  buffer_dtype=volume.dtype, progress=progress, timings=timings, on_outputs=check)
     return torch.cat([sino[n0] for n0 in sorted(sino)], dim=2)
 
 
@@ -250,7 +263,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                         fill: float = 0.0, allow_nonfinite: bool = False, max_memory: Optional[int] = None,
                         timings: Optional[Dict[str, float]] = None, reconstruction: str = "fbp",
                         reconstruction_options: Optional[Dict] = None, score_transform=None, score_baseline=None,
-                        return_sinogram: bool = False):
+                        return_sinogram: bool = False, process_group=None):
     """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (docs/design.md, "The method", "Reconstruction").
 
     Args:
@@ -289,6 +302,16 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
         return_sinogram: also return the raw scores and the geometry, to reconstruct again (other method,
             options or calibration) without scoring the slices again:
             ``tonno_fast.reconstruct(result.sinogram, result.geometry, "fista", ...)``.
+        process_group: a ``torch.distributed`` process group whose ranks share the work: each slices, scores,
+            filters and backprojects a contiguous share of the directions and an ``all_reduce`` sums the
+            heatmaps (iterative methods gather the scores instead; see
+            :func:`tonno_fast.distributed.reconstruct_split`). Every rank calls with the same arguments and
+            gets the whole heatmap; ``sinogram`` and ``geometry`` then hold this rank's share. ``None``: one
+            process.
+
+    Memory: the run's peak is estimated before the geometry is built and again once the encoder's number of
+    outputs is known, against the memory available on the volume's device; a run that cannot fit raises
+    :class:`~tonno_fast.memory.MemoryBudgetError` (a ``MemoryError``) naming the parameter to lower.
 
     Returns:
         Heatmap on the volume's device, float32 (float64 for a float64 volume): ``(D, H, W)`` for a 3D volume
@@ -304,19 +327,31 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
     enc = as_encoder(encoder)
-    geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
-                             weights=weights, slice_size=resolve_slice_size(slice_size, enc),
-                             pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
-    scores = encode_slices(vol, geometry, enc, batch_size=batch_size, backend=backend, fill=fill,
-                           progress=progress, max_memory=max_memory, timings=timings)
+    geo = dict(spacing=spacing, slice_size=resolve_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
+               slice_spacing=slice_spacing, n_slices=n_slices)
+    mem = dict(kind="scores", batch_size=resolve_batch_size(batch_size, enc),
+               max_memory=resolve_max_memory(max_memory), filter=filter, reconstruction=reconstruction,
+               group=process_group)
+    with all_or_none(process_group):  # a failure on one rank stops all, none waits in a collective
+        dims = geometry_dims(vol.shape[2:], n_directions=n_directions, directions=directions, **geo)
+        check_pipeline("tomographic_heatmap", vol, enc, dims, **mem)
+        geometry = make_geometry(vol.shape[2:], n_directions=n_directions, directions=directions, weights=weights,
+                                 **geo)
+        part, share = split_directions(geometry, process_group)
+        scores = encode_slices(vol, part, enc, batch_size=batch_size, backend=backend, fill=fill,
+                               progress=progress, max_memory=max_memory, timings=timings)
+        check_pipeline("tomographic_heatmap", vol, enc, dims, outputs=scores.shape[1], **mem)
     timer = _Timer(timings, [vol.device])
+    recon = dict(filter=filter, window=window, score_transform=score_transform, score_baseline=score_baseline,
+                 backend=backend, **(reconstruction_options or {}))
     with timer("reconstruction"):
-        heat = reconstruct(scores, geometry, reconstruction, filter=filter, window=window,
-                           score_transform=score_transform, score_baseline=score_baseline, backend=backend,
-                           **(reconstruction_options or {}))
+        if process_group is None:
+            heat = reconstruct(scores, geometry, reconstruction, **recon)
+        else:
+            heat = reconstruct_split(scores, geometry, share, process_group, reconstruction, **recon)
     if ndim == 3 and heat.shape[1] == 1:
         heat = heat[0, 0]
-    return HeatmapResult(heat, scores, geometry) if return_sinogram else heat
+    return HeatmapResult(heat, scores, part) if return_sinogram else heat
 
 
 class HeatmapResult(NamedTuple):

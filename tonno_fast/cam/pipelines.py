@@ -23,9 +23,11 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_or_none, all_reduce_sum, split_directions
 from ..encoder import Encoder, as_encoder
 from ..filters import check_filter, filter_matrix, reconstruction_scale
 from ..geometry import make_geometry
+from ..memory import check_pipeline, geometry_dims
 from ..ops import backproject_slices
 from ..pipeline import (AxialSlicer, GeometrySlicer, encode_chunks, resolve_batch_size, resolve_max_memory,
                         resolve_slice_size)
@@ -153,26 +155,37 @@ def _start(volume, encoder, *, target_layers, method, targets, reshape_transform
 
 def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_transform, filter, window,
                    n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices,
-                   normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings):
-    """Averaged (``filter="none"``) and Tomographic CAM share everything but the filter."""
+                   normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings,
+                   process_group=None):
+    """Averaged (``filter="none"``) and Tomographic CAM share everything but the filter. With a
+    ``process_group`` each rank streams its share of the directions into its own accumulator (weights from all
+    directions) and an ``all_reduce`` sums the accumulators before the normalisation."""
     check_filter(filter, window)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
         allow_nonfinite=allow_nonfinite)
-    geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
-                             weights=weights, slice_size=resolve_slice_size(slice_size, enc),
-                             pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
-    prepared, fill, stats = enc.prepare_volume(vol, fill)
-    slicer = GeometrySlicer(prepared, geometry, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
+    geo = dict(spacing=spacing, slice_size=resolve_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
+               slice_spacing=slice_spacing, n_slices=n_slices)
+    what = "averaged_cam" if filter == "none" else "tomographic_cam"
+    mem = dict(kind="stacks", batch_size=bs, max_memory=budget, filter=filter, group=process_group)
+    with all_or_none(process_group):  # a failure on one rank stops all, none waits in a collective
+        dims = geometry_dims(vol.shape[2:], n_directions=n_directions, directions=directions, **geo)
+        check_pipeline(what, vol, enc, dims, **mem)
+        geometry = make_geometry(vol.shape[2:], n_directions=n_directions, directions=directions, weights=weights,
+                                 **geo)
+        part, share = split_directions(geometry, process_group)
+        prepared, fill, stats = enc.prepare_volume(vol, fill)
+        slicer = GeometrySlicer(prepared, part, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
 
-    B = vol.shape[0]
-    S, h, w = geometry.n_slices, geometry.height, geometry.width
-    K = _probe(compute, enc, slicer, enc.slice_dtype or vol.dtype)
-    elem = vol.element_size()
-    scale = reconstruction_scale(filter, geometry.weights)  # over ALL directions: w/Σw needs the full sum
-    acc_dtype = torch.float64
-    acc = torch.zeros((B, K) + tuple(geometry.volume_shape), dtype=acc_dtype, device=vol.device)
+        B = vol.shape[0]
+        S, h, w = geometry.n_slices, geometry.height, geometry.width
+        K = _probe(compute, enc, slicer, enc.slice_dtype or vol.dtype)
+        check_pipeline(what, vol, enc, dims, outputs=K, **mem)
+        elem = vol.element_size()
+        scale = reconstruction_scale(filter, geometry.weights)[share]  # over ALL directions: w/Σw needs the full sum
+        acc_dtype = torch.float64
+        acc = torch.zeros((B, K) + tuple(geometry.volume_shape), dtype=acc_dtype, device=vol.device)
 
     matrix = None if filter == "none" else filter_matrix(filter, window, S, geometry.slice_spacing, vol.dtype,
                                                          vol.device)
@@ -185,13 +198,14 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
             cols = max(1, min(h * w, (budget // 4) // max(1, B * K * (n1 - n0) * S * elem)))
             for c0 in range(0, h * w, cols):
                 flat[..., c0:c0 + cols] = torch.matmul(matrix, flat[..., c0:c0 + cols])
-        part = backproject_slices(stack, geometry.with_directions(slice(n0, n1)), weights=scale[n0:n1],
-                                  backend=backend)
-        acc.add_(part)
+        acc.add_(backproject_slices(stack, part.with_directions(slice(n0, n1)), weights=scale[n0:n1],
+                                    backend=backend))
 
-    encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
-                  held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype, progress=progress,
-                  timings=timings)
+    with all_or_none(process_group):
+        encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
+                      held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype,
+                      progress=progress, timings=timings)
+    acc = all_reduce_sum(acc, process_group) if process_group is not None else acc
     return _finish_output(acc, vol.dtype, ndim, normalize)
 
 
@@ -200,7 +214,7 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
                  slice_spacing=None, pixel_spacing=None, n_slices: Optional[int] = None, normalize=None,
                  batch_size: Optional[int] = None, max_memory: Optional[int] = None, backend: str = "auto",
                  progress: bool = False, fill: float = 0.0, allow_nonfinite: bool = False,
-                 timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                 timings: Optional[Dict[str, float]] = None, process_group=None) -> torch.Tensor:
     """Averaged CAM (docs/design.md, "The method"): 2D CAMs of every oblique slice, mapped back into the volume
     and averaged over orientations with weights ``w_k / Σ w``.
 
@@ -227,10 +241,14 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
         fill: value read outside the volume (before the Encoder's window).
         allow_nonfinite: accept NaN/inf voxels.
         timings: if a dict, receives seconds spent in ``"slicing"``, ``"encoder"`` and ``"reconstruction"``.
+        process_group: a ``torch.distributed`` process group whose ranks share the directions (contiguous
+            shares, weights over all directions); an ``all_reduce`` sums their parts, so every rank calling with
+            the same arguments gets the whole map. ``None``: one process.
 
     Returns:
         float32 (float64 for a float64 volume) on the volume's device: ``(D, H, W)`` for a 3D volume and one
-        target, else ``(B, K, D, H, W)``.
+        target, else ``(B, K, D, H, W)``. A run that cannot fit in the device's available memory raises
+        :class:`~tonno_fast.memory.MemoryBudgetError` before its large allocations.
     """
     return _projected_cam(volume, encoder, target_layers=target_layers, method=method, targets=targets,
                           reshape_transform=reshape_transform, filter="none", window=None,
@@ -238,7 +256,7 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
                           slice_size=slice_size, slice_spacing=slice_spacing, pixel_spacing=pixel_spacing,
                           n_slices=n_slices, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
                           backend=backend, progress=progress, fill=fill, allow_nonfinite=allow_nonfinite,
-                          timings=timings)
+                          timings=timings, process_group=process_group)
 
 
 def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", filter: str = "ramp2",
@@ -248,7 +266,7 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
                     batch_size: Optional[int] = None,
                     max_memory: Optional[int] = None, backend: str = "auto", progress: bool = False,
                     fill: float = 0.0, allow_nonfinite: bool = False,
-                    timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                    timings: Optional[Dict[str, float]] = None, process_group=None) -> torch.Tensor:
     """Tomographic CAM (docs/design.md, "The method"): every orientation's CAM stack is filtered along the slice
     normal with the reconstruction ``filter`` (and ``window``) and backprojected with the quadrature weights
     ``w_k / 4π²`` — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice
@@ -265,7 +283,7 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
                           slice_size=slice_size, slice_spacing=slice_spacing, pixel_spacing=pixel_spacing,
                           n_slices=n_slices, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
                           backend=backend, progress=progress, fill=fill, allow_nonfinite=allow_nonfinite,
-                          timings=timings)
+                          timings=timings, process_group=process_group)
 
 
 def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targets=None, reshape_transform=None,
@@ -292,6 +310,8 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     B, _, D, H, W = vol.shape
 
     K = _probe(compute, enc, slicer, enc.slice_dtype or vol.dtype)
+    check_pipeline("slicewise_cam", vol, enc, (1, D, slicer.height, slicer.width), kind="axial", outputs=K,
+                   batch_size=bs, max_memory=budget)
     out = {}
 
     def finish(n0: int, n1: int, stack: torch.Tensor) -> None:  # (B, K, 1, D, h, w)

@@ -1,0 +1,170 @@
+"""Several processes on torch.distributed (gloo on the CPU, as CI has no GPU): the helpers of
+tonno_fast.distributed in one process, then real ``torchrun --nproc-per-node 2`` runs: the cohort CLI sharding
+scans (same heatmaps as one process, resuming), and the direction split of the pipelines (tests/dist_worker.py).
+
+The multi-process runs use torchrun's ``--standalone`` rendezvous (a free port chosen by the OS), tiny volumes,
+one thread per process, a timeout, and their own process group, which is killed whole on timeout so no worker
+is left behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tonno_fast import distributed as du
+from tonno_fast.cli import main
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+# --- one process -----------------------------------------------------------------------------------------------
+def test_direction_shares_cover_the_range():
+    for n in (1, 2, 7, 64, 65):
+        for world in (1, 2, 3, 8):
+            if n < world:
+                continue
+            shares = [du.direction_share(n, r, world) for r in range(world)]
+            assert shares[0].start == 0 and shares[-1].stop == n
+            assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+            sizes = [s.stop - s.start for s in shares]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        du.direction_share(4, 2, 2)
+
+
+def test_shards_are_disjoint_cover_and_balance():
+    items = [f"s{i}" for i in range(11)]
+    sizes = [5, 1, 1, 1, 1, 1, 9, 2, 2, 3, 1]
+    for world in (1, 2, 3, 4):
+        for by_size in (None, sizes):
+            shards = [du.shard(items, r, world, by_size) for r in range(world)]
+            assert sorted(x for s in shards for x in s) == sorted(items)
+            for s in shards:  # order within a shard follows the input
+                assert s == [x for x in items if x in s]
+    loads = [sum(sizes[items.index(x)] for x in du.shard(items, r, 3, sizes)) for r in range(3)]
+    assert max(loads) - min(loads) <= max(sizes) and max(loads) <= 10  # total 27 over 3 ranks
+
+
+def test_single_process_context_and_collectives(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with du.session("cpu") as (ctx, device):
+        assert ctx == du.DistContext(0, 1, 0, 1, None) and not ctx.distributed and ctx.is_main
+        assert device == torch.device("cpu")
+        t = torch.arange(3.0)
+        assert du.all_reduce_sum(t) is t and du.all_gather_rows(t[None], 1) is not None
+        assert du.gather_objects({"a": 1}) == [{"a": 1}] and du.broadcast_object(5) == 5
+        with du.all_or_none(None):
+            pass
+        model = torch.nn.Linear(2, 1)
+        assert du.wrap_ddp(model, device) is model
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    if torch.cuda.device_count() < 4:
+        with pytest.raises(ValueError, match="LOCAL_RANK 3 has no GPU"):
+            du.device_for_rank("cuda")
+    assert du.device_for_rank("cpu") == torch.device("cpu")
+    assert du.default_backend("cpu") == "gloo" and du.default_backend("cuda:0") == "nccl"
+
+
+def test_rank_generators_differ_by_rank_and_repeat():
+    a0 = torch.rand(4, generator=du.rank_generator(3, 0))
+    a1 = torch.rand(4, generator=du.rank_generator(3, 1))
+    b1 = torch.rand(4, generator=du.rank_generator(4, 0))
+    assert not torch.equal(a0, a1) and not torch.equal(a1, b1)
+    assert torch.equal(a0, torch.rand(4, generator=du.rank_generator(3, 0)))
+
+
+# --- torchrun --------------------------------------------------------------------------------------------------
+def _torchrun(args, cwd, timeout=300):
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` in its own session; killed whole
+    (agent and workers) on timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] + args
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    finally:
+        if proc.poll() is None:  # pragma: no cover
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+class _Mean(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))
+
+
+def test_torchrun_two_processes_write_the_same_heatmaps_as_one(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        data = rng.random((9 + k, 10, 8)).astype(np.float32)
+        affine = np.diag([1.5 + 0.1 * k, 1.0, 1.2, 1.0])
+        nib.save(nib.Nifti1Image(data, affine), str(src / f"s{k}.nii.gz"))
+    enc = tmp_path / "mean.pt"
+    torch.jit.script(_Mean()).save(str(enc))
+    opts = ["--encoder", str(enc), "--directions", "6", "--device", "cpu", "--batch-size", "64"]
+    assert main(["heatmap", "-i", str(src), "-o", str(tmp_path / "one"), "-q"] + opts) == 0
+
+    # Resuming: s2 exists already (from an earlier, interrupted run) and must be left as it is.
+    out = tmp_path / "two"
+    out.mkdir()
+    (out / "s2.nii.gz").write_bytes((tmp_path / "one" / "s2.nii.gz").read_bytes())
+    stamp = (out / "s2.nii.gz").stat().st_mtime_ns
+    rc, stdout, err = _torchrun(["-m", "tonno_fast", "heatmap", "-i", str(src), "-o", str(out)] + opts, tmp_path)
+    assert rc == 0, err[-3000:]
+    assert stdout.count("3 written, 1 skipped (output exists), 0 failed, of 4 scans") == 1  # rank 0 only
+    assert "on 2 processes" in stdout
+    assert sorted(stdout.count(f"wrote {out / f's{k}.nii.gz'}") for k in (0, 1, 3)) == [1, 1, 1]
+    assert (out / "s2.nii.gz").stat().st_mtime_ns == stamp
+    for k in range(4):
+        a, b = nib.load(str(tmp_path / "one" / f"s{k}.nii.gz")), nib.load(str(out / f"s{k}.nii.gz"))
+        np.testing.assert_allclose(b.affine, a.affine)
+        x, y = np.asarray(a.dataobj, dtype=np.float64), np.asarray(b.dataobj, dtype=np.float64)
+        assert np.linalg.norm(y - x) <= 1e-5 * np.linalg.norm(x)
+
+    # One scan under torchrun: split by directions, rank 0 writes; the same heatmap within float tolerance.
+    single = tmp_path / "split.nii.gz"
+    rc, stdout, err = _torchrun(["-m", "tonno_fast", "heatmap", "-i", str(src / "s1.nii.gz"), "-o", str(single)]
+                                + opts, tmp_path)
+    assert rc == 0, err[-3000:]
+    x = np.asarray(nib.load(str(tmp_path / "one" / "s1.nii.gz")).dataobj, dtype=np.float64)
+    y = np.asarray(nib.load(str(single)).dataobj, dtype=np.float64)
+    assert np.linalg.norm(y - x) <= 1e-5 * np.linalg.norm(x)
+
+
+def test_torchrun_direction_split_equals_one_process(tmp_path):
+    """tests/dist_worker.py on 2 gloo ranks: every pipeline with process_group against the same call in one
+    process (float64: rounding only), a failure on one rank raising on both, gathers of unequal shares, and the
+    DistributedDataParallel building blocks (rank-seeded batches, equal weights after a step)."""
+    report = tmp_path / "report.json"
+    rc, out, err = _torchrun([str(HERE / "dist_worker.py"), str(report)], tmp_path)
+    assert rc == 0, err[-3000:]
+    r = json.loads(report.read_text())
+    assert r["world_size"] == 2
+    for name in ("fbp_ramp2", "fbp_none", "fbp_ramp_hann_baseline", "sirt", "fista", "averaged_cam",
+                 "tomographic_cam"):
+        assert r[name] <= 1e-12, (name, r[name])
+    assert r["fbp_ramp2_float32"] <= 1e-5
+    assert (r["sinogram_directions_rank0"], r["sinogram_directions_rank1"]) == (4, 3)
+    assert "rank 1 encoder failure" in r["failure_rank1"] and "other rank(s)" in r["failure_rank0"]
+    assert r["gathered"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert r["ddp_batches_differ"] and r["ddp_weights_equal"]
+    # fail_fast across ranks: rank 0 fails on its first scan while rank 1 writes its first; both stop there.
+    assert r["cohort_rank0"] == r["cohort_rank1"] == [
+        "1 written, 1 failed, 2 not run (fail fast), of 4 scans", "3 written, 1 failed, of 4 scans"]
+    assert r["cohort_fast_files"] == ["s0.nii.gz"]
