@@ -32,7 +32,7 @@ from torch import nn
 
 from .encoder import Encoder
 
-__all__ = ["save_encoder", "load_encoder", "is_encoder_bundle", "BUNDLE_FORMAT"]
+__all__ = ["save_encoder", "load_encoder", "is_encoder_bundle", "resolve_factory", "BUNDLE_FORMAT"]
 
 BUNDLE_FORMAT = "tonno_fast.encoder_bundle"
 _VERSION = 1
@@ -43,14 +43,16 @@ def _factory_path(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve_factory(spec: str):
+def resolve_factory(spec: str):
+    """The callable named by ``"package.module:callable"`` (``callable`` may be dotted, e.g. ``Class.build``).
+    Raises ``ValueError`` saying what is wrong with ``spec``."""
     module_name, _, attr = str(spec).partition(":")
     if not module_name or not attr:
         raise ValueError(f"factory must be 'package.module:callable', got {spec!r}")
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"factory {spec!r}: cannot import {module_name!r} ({exc})") from None
+    except Exception as exc:
+        raise ValueError(f"factory {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -123,20 +125,18 @@ def save_encoder(path, encoder, *, slice_size=None, pixel_spacing: Optional[floa
     Encoder(nn.Identity(), window=norm["window"], zscore=norm["zscore"], mean=norm["mean"], std=norm["std"],
             in_channels=None)  # validates the normalisation with Encoder's own checks
     if torchscript:
-        scripted = model
-        if not isinstance(model, torch.jit.ScriptModule):
-            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still loads
-                warnings.simplefilter("ignore", FutureWarning)
-                scripted = torch.jit.script(model)
         buf = io.BytesIO()
-        torch.jit.save(scripted, buf)
+        with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
+            torch.jit.save(scripted, buf)
         stored = {"kind": "torchscript", "torchscript": buf.getvalue()}
     else:
         if isinstance(model, torch.jit.ScriptModule):
             raise ValueError("a TorchScript module can only be saved with torchscript=True")
         spec = factory or _factory_path(model)
         kwargs = dict(factory_kwargs or {})
-        _resolve_factory(spec)  # fail now, not when the bundle is loaded elsewhere
+        resolve_factory(spec)  # fail now, not when the bundle is loaded elsewhere
         stored = {"kind": "state_dict", "factory": spec, "factory_kwargs": kwargs,
                   "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     bundle = {"format": BUNDLE_FORMAT, "version": _VERSION, "model": stored,
@@ -202,7 +202,7 @@ def load_encoder(path, *, device: Union[str, torch.device, None] = None, **encod
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.jit.load(io.BytesIO(stored["torchscript"]), map_location="cpu")
     elif stored.get("kind") == "state_dict":
-        factory = _resolve_factory(stored["factory"])
+        factory = resolve_factory(stored["factory"])
         model = factory(**stored.get("factory_kwargs", {}))
         if not isinstance(model, nn.Module):
             raise ValueError(f"{path}: factory {stored['factory']!r} returned {type(model).__name__}, "

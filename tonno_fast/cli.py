@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ def load_encoder(spec: str, weights: Optional[str] = None, device: str = "cpu"):
     one clear line when it cannot."""
     import torch
 
-    from .bundle import is_encoder_bundle
+    from .bundle import is_encoder_bundle, resolve_factory
     from .bundle import load_encoder as load_bundle
 
     path = Path(spec)
@@ -55,16 +54,11 @@ def load_encoder(spec: str, weights: Optional[str] = None, device: str = "cpu"):
             raise CLIError(f"--encoder {path}: cannot load this bundle ({text[0] if text else type(exc).__name__})"
                            ) from None
     if ":" in spec and not path.exists():
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise CLIError(f"--encoder {spec!r}: expected package.module:factory")
+        attr = spec.partition(":")[2]
         try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:
-            raise CLIError(f"--encoder {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
-        factory = getattr(module, attr, None)
-        if factory is None or not callable(factory):
-            raise CLIError(f"--encoder {spec!r}: module {module_name!r} has no callable {attr!r}")
+            factory = resolve_factory(spec)
+        except ValueError as exc:
+            raise CLIError(f"--encoder {spec!r}: {exc}") from None
         try:
             model = factory()
         except Exception as exc:
