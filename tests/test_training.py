@@ -184,7 +184,7 @@ def test_best_weights_are_kept():
     assert hist.best == {"step": best["step"], "auc": best["auc"]}
     # The encoder handed back scores the validation set exactly as at the best step.
     from tonno_fast.training import _Validator
-    again = _Validator(val, "bag", 16, None, None, "lse", 5.0, 256)(hist.encoder)
+    again = _Validator(val, 16, None, None, "lse", 5.0, 256)(hist.encoder)
     assert again["auc"] == pytest.approx(best["auc"], abs=1e-12)
 
 
@@ -197,7 +197,7 @@ def test_bad_training_arguments():
     with pytest.raises(ValueError, match="patience needs a validation"):
         train_encoder(_net(), s, steps=1, patience=2)
     with pytest.raises(ValueError, match="monitor"):
-        train_encoder(_net(), s, steps=1, monitor="bag_auc", validation=_sampler(1))
+        train_encoder(_net(), s, steps=1, monitor="lesion_auc", validation=_sampler(1))
     with pytest.raises(ValueError, match="steps"):
         train_encoder(_net(), s)
     with pytest.raises(TypeError, match="factory returned"):

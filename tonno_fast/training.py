@@ -41,7 +41,6 @@ log = logging.getLogger("tonno_fast.training")
 OBJECTIVES = ("slice", "bag")
 POOLINGS = ("lse", "max", "mean")
 LN2 = math.log(2.0)
-_SEPARATE_BAGS = False  # experiment switch: one encoder call per bag (BatchNorm statistics of one volume)
 
 
 def _logits(encoder: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +86,8 @@ class TrainingHistory(list):
     Attributes:
         encoder: the trained ``nn.Module`` (the one passed in, or the one the factory built), in eval mode,
             holding the best validated weights when ``keep_best``.
-        validation: ``[{"step", "loss", "auc", "bag_auc", ...}]`` one record per validation (``auc``: slice
-            logits against volume labels; ``bag_auc``: pooled bag logits, bag objective only;
+        validation: ``[{"step", "loss", "auc", "bag_auc", ...}]`` one record per validation (``loss``: bag BCE;
+            ``auc``: slice logits against volume labels; ``bag_auc``: pooled bag logits;
             ``lesion_auc``: lesion-crossing slices against slices of negative volumes, when the validation
             sampler has ``aux`` lesion masks — for reporting; never used to choose weights).
         warnings: ``[{"step", "message"}]``: chance-level loss or validation AUC (also logged).
@@ -121,25 +120,21 @@ def _check_positive_int(x, name: str, allow_none: bool = False):
 
 
 class _Validator:
-    """A fixed validation set drawn once from a held-out sampler (slices, or bags for the bag objective),
-    scored every ``validate_every`` steps. The sampler's random stream is restored afterwards, so repeated
-    trainings with the same validation sampler see the same set."""
+    """A fixed validation set of bags drawn once from a held-out sampler, scored every ``validate_every`` steps:
+    slice AUC (every slice against its volume label), bag AUC (pooled bag logits) and, with ``aux`` lesion masks,
+    the lesion-crossing AUC. Bags for both objectives, so their curves are measured on the same kind of set. The
+    sampler's random stream is restored afterwards: repeated trainings with one validation sampler see the
+    same set."""
 
-    def __init__(self, sampler: ObliqueSliceSampler, objective: str, n: int, bag_size, bag_spacing,
-                 pooling: str, r: float, batch_size: int):
+    def __init__(self, sampler: ObliqueSliceSampler, n_bags: int, bag_size, bag_spacing, pooling: str, r: float,
+                 batch_size: int):
         state = sampler.generator.get_state()
         try:
-            if objective == "bag":
-                b = sampler.sample_bags(n, bag_size=bag_size, slice_spacing=bag_spacing)
-                self.sizes, self.bag_labels = b.sizes, b.labels.reshape(-1).cpu()
-                slice_labels = b.slice_labels.reshape(-1).cpu()
-            else:
-                b = sampler.sample(n)
-                self.sizes, self.bag_labels = None, None
-                slice_labels = b.labels.reshape(-1).cpu()
+            b = sampler.sample_bags(n_bags, bag_size=bag_size, slice_spacing=bag_spacing)
         finally:
             sampler.generator.set_state(state)
-        self.slices, self.labels = b.slices, slice_labels
+        self.slices, self.sizes = b.slices, b.sizes
+        self.bag_labels, self.labels = b.labels.reshape(-1).cpu(), b.slice_labels.reshape(-1).cpu()
         self.crosses = None if b.aux is None else (b.aux.float().flatten(1).amax(1) > 0.5).cpu()
         self.pooling, self.r, self.batch_size = pooling, r, batch_size
 
@@ -153,13 +148,9 @@ class _Validator:
         finally:
             encoder.train(was_training)
         y = self.labels > 0.5
-        out = {"auc": _safe_auc(z, y)}
-        if self.sizes is not None:
-            zb = pool_bags(z, self.sizes, self.pooling, self.r)
-            out["loss"] = float(F.binary_cross_entropy_with_logits(zb, self.bag_labels))
-            out["bag_auc"] = _safe_auc(zb, self.bag_labels > 0.5)
-        else:
-            out["loss"] = float(F.binary_cross_entropy_with_logits(z, self.labels))
+        zb = pool_bags(z, self.sizes, self.pooling, self.r)
+        out = {"loss": float(F.binary_cross_entropy_with_logits(zb, self.bag_labels)), "auc": _safe_auc(z, y),
+               "bag_auc": _safe_auc(zb, self.bag_labels > 0.5)}
         if self.crosses is not None and bool((self.crosses & y).any()):
             keep = self.crosses | ~y
             out["lesion_auc"] = _safe_auc(z[keep], y[keep])
@@ -181,7 +172,7 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
                   warmup_steps: int = 0, scheduler=None, pos_weight: Optional[float] = None,
                   transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, seed: Optional[int] = None,
                   validation: Optional[ObliqueSliceSampler] = None, validate_every: int = 100,
-                  validation_size: Optional[int] = None, monitor: Optional[str] = None, keep_best: bool = True,
+                  validation_size: int = 32, monitor: Optional[str] = None, keep_best: bool = True,
                   patience: Optional[int] = None, chance_tolerance: float = 0.01, chance_steps: int = 200,
                   progress: bool = False, log_every: int = 25) -> TrainingHistory:
     """Train ``encoder`` on random slices labelled only by their volume (weak supervision).
@@ -211,10 +202,11 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
             for the run (restored afterwards): with the same seed, encoder factory and sampler, two runs on the
             CPU give bitwise the same weights. ``None``: the sampler's and torch's current state.
         validation: a sampler over held-out volumes (choose them from the training population, not from the
-            test set). A fixed set of ``validation_size`` slices (slice objective, default 512) or bags (bag
-            objective, default 32) is drawn from it once and scored every ``validate_every`` steps and at the end.
+            test set). A fixed set of ``validation_size`` bags (``bag_size``, ``bag_spacing`` as in training, for
+            both objectives) is drawn from it once and scored every ``validate_every`` steps and at the end.
         monitor: which validation number chooses the best weights: ``"auc"`` (slice logits against volume
-            labels) or ``"bag_auc"`` (default for the bag objective); both use volume labels only.
+            labels; default for the slice objective) or ``"bag_auc"`` (pooled bag logits against volume labels;
+            default for the bag objective). Both use volume labels only.
         keep_best: put the best validated weights back into the encoder at the end.
         patience: stop after this many validations without improvement of ``monitor`` (``None``: never).
         chance_tolerance, chance_steps: warn when the running loss has been within ``chance_tolerance`` of
@@ -242,8 +234,8 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         raise ValueError(f"slice_weight must be a non-negative number, got {slice_weight!r}")
     bags_per_step = _check_positive_int(bags_per_step, "bags_per_step", allow_none=True)
     monitor = monitor or ("bag_auc" if objective == "bag" else "auc")
-    if monitor not in ("auc", "bag_auc") or (monitor == "bag_auc" and objective != "bag"):
-        raise ValueError(f"monitor must be 'auc' or (bag objective) 'bag_auc', got {monitor!r}")
+    if monitor not in ("auc", "bag_auc"):
+        raise ValueError(f"monitor must be 'auc' or 'bag_auc', got {monitor!r}")
     patience = _check_positive_int(patience, "patience", allow_none=True)
     if patience is not None and validation is None:
         raise ValueError("patience needs a validation sampler (validation=...)")
@@ -266,9 +258,8 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         history.encoder = encoder
         validator = None
         if validation is not None:
-            n_val = validation_size or (32 if objective == "bag" else 512)
-            validator = _Validator(validation, objective, _check_positive_int(n_val, "validation_size"),
-                                   bag_size, bag_spacing, pooling, float(pooling_r), 256)
+            validator = _Validator(validation, _check_positive_int(validation_size, "validation_size"), bag_size,
+                                   bag_spacing, pooling, float(pooling_r), 256)
         _train_loop(encoder, sampler, history, validator, steps=steps, seconds=seconds, batch_size=batch_size,
                     objective=objective, bags_per_step=bags_per_step, bag_size=bag_size, bag_spacing=bag_spacing,
                     pooling=pooling, r=float(pooling_r), slice_weight=float(slice_weight), optimizer=optimizer,
@@ -333,10 +324,7 @@ def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[
             else:
                 batch = sampler.sample(batch_size)
             x = batch.slices if transform is None else transform(batch.slices)
-            if isinstance(batch, BagBatch) and _SEPARATE_BAGS:
-                logits = torch.cat([_logits(encoder, xb).float() for xb in torch.split(x, batch.sizes.tolist())])
-            else:
-                logits = _logits(encoder, x).float()
+            logits = _logits(encoder, x).float()
             if isinstance(batch, BagBatch):
                 y = batch.labels.reshape(-1).to(logits.device)
                 loss = F.binary_cross_entropy_with_logits(pool_bags(logits, batch.sizes, pooling, r), y,
