@@ -4,6 +4,7 @@
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder bundle.pt   # from tonno_fast.save_encoder
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.models:make_net --weights net.pt \\
         --method tomographic-cam --target-layer features.3 --png overlay.png
+    tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt --directions 16 --reconstruction fista
     tonno-fast demo [--quick] [--out DIR]
     tonno-fast bench
 
@@ -143,6 +144,7 @@ def cmd_heatmap(args) -> int:
     if args.method != "tonno" and args.target_layer is None:
         raise CLIError(f"--method {args.method} needs --target-layer (the name of a conv layer, e.g. features.3; "
                        f"see model.named_modules())")
+    recon = _reconstruction_args(args)
     try:
         scan = load_nifti(args.input)
     except FileNotFoundError:
@@ -167,7 +169,8 @@ def cmd_heatmap(args) -> int:
     t0 = time.perf_counter()
     if args.method == "tonno":
         from .pipeline import tomographic_heatmap
-        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter, **common)
+        heat = tomographic_heatmap(volume, _single_score(model, args.class_index), filter=args.filter,
+                                   window=args.window, **recon, **common)
     else:
         heat = _cam_heatmap(args, model, volume, common)
     heat = heat.reshape(heat.shape[-3:]) if heat.ndim > 3 and heat.numel() == heat.shape[-3:].numel() else heat
@@ -184,6 +187,41 @@ def cmd_heatmap(args) -> int:
     if not args.quiet:
         print(msg)
     return 0
+
+
+def _reconstruction_args(args) -> dict:
+    """The reconstruction keywords of tomographic_heatmap from the heatmap options, checked before the scan is
+    read (a bad combination is one error line, not a traceback after minutes of encoding)."""
+    from .reconstruction import check_reconstruction
+
+    iterative = {"iterations": args.iterations, "tv": args.tv, "nonneg": args.nonneg, "adjoint": args.adjoint}
+    given = {k: v for k, v in iterative.items() if v is not None}
+    calibration = {"score_transform": args.score_transform, "score_baseline": args.score_baseline}
+    if args.method != "tonno" and (args.reconstruction != "fbp" or given or args.window is not None
+                                   or any(v is not None for v in calibration.values())):
+        raise CLIError(f"--reconstruction, --window and the iterative and score options apply to --method tonno, "
+                       f"not to --method {args.method}")
+    if args.reconstruction == "fbp" and given:
+        raise CLIError(f"--{next(iter(given)).replace('_', '-')} applies to an iterative --reconstruction "
+                       f"(sirt, cgls, fista), not to fbp")
+    try:
+        check_reconstruction(args.reconstruction, given, filter=args.filter, window=args.window, **calibration)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--reconstruction {args.reconstruction}: {exc}") from None
+    return dict(reconstruction=args.reconstruction, reconstruction_options=given or None, **calibration)
+
+
+def _score_baseline(text: str):
+    """argparse type of --score-baseline: 'median' or a quantile in [0, 1]."""
+    if text == "median":
+        return text
+    try:
+        q = float(text)
+    except ValueError:
+        q = float("nan")
+    if not 0.0 <= q <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'median' or a quantile in [0, 1], got {text!r}")
+    return q
 
 
 def _cam_heatmap(args, model, volume, common):
@@ -239,59 +277,44 @@ def _median_time(fn: Callable, repeats: int, sync: Callable) -> float:
 def cmd_bench(args) -> int:
     import torch
 
-    from . import ops
-    from .backend import backends
-    from .geometry import make_geometry
+    from .ops import backends
+    from .ops.problems import make_problems
+    from .ops.registry import get_backend
 
     device = _resolve_device(args.device)
     avail = [name for name, state in backends().items() if state == "available"]
-    if device == "cpu":
-        usable = [b for b in avail if b in ("reference", "cpu")]
-    else:
-        usable = [b for b in avail if b in ("reference", "cuda", "triton")]
+    usable = [b for b in avail if b in (("reference", "cpu") if device == "cpu" else ("reference", "cuda", "triton"))]
     n = args.size
     if n < 4:
         raise CLIError(f"--size must be at least 4, got {n}")
-    g = torch.Generator().manual_seed(0)
-    vol = torch.rand(1, 1, n, n, n, generator=g).to(device)
-    geom = make_geometry((n, n, n), n_directions=args.directions)
-    N, S, h, w = geom.n_directions, geom.n_slices, geom.height, geom.width
-    sino = torch.rand(1, 1, N, S, generator=g).to(device)
-    stacks = torch.rand(1, 1, N, S, h, w, generator=g).to(device)
-    theta = torch.eye(3, 4).repeat(4, 1, 1)
-    theta[:, :3, :3] += 0.1 * torch.randn(4, 3, 3, generator=g)
-    theta = theta.to(device)
-    vol4 = vol.expand(4, 1, n, n, n).contiguous()
-    samples = N * S * h * w
-    cases = [
-        ("slice_volume", lambda be: ops.slice_volume(vol, geom, backend=be), samples, "samples"),
-        ("radon", lambda be: ops.radon(vol, geom, backend=be), samples, "samples"),
-        ("backproject", lambda be: ops.backproject(sino, geom, backend=be), N * n ** 3, "updates"),
-        ("backproject_slices", lambda be: ops.backproject_slices(stacks, geom, backend=be), N * n ** 3, "updates"),
-        ("affine_grid_sample", lambda be: ops.affine_grid_sample(vol4, theta, [4, 1, n, n, n], backend=be),
-         4 * n ** 3, "samples"),
-    ]
+    # The operators' benchmark problems (tonno_fast/ops/problems.py) at the size asked for: default slicing of
+    # an n³ volume, the CAM stacks of the same directions, 4 volumes for affine_grid_sample.
+    problems = make_problems(n, args.directions, stack_directions=args.directions, affine_batch=4)
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
-    print(f"tonno-fast bench on {device} ({torch.get_num_threads()} threads): volume {n}³, {N} directions, "
-          f"{S} slices of {h}×{w}; median of {args.repeats} runs (time.perf_counter)")
+    g = problems[0]
+    print(f"tonno-fast bench on {device} ({torch.get_num_threads()} threads): volume {n}³, {args.directions} "
+          f"directions ({g.label}); median of {args.repeats} runs (time.perf_counter)")
     print(f"backends: {', '.join(usable)}" + (f" (unavailable here: {', '.join(sorted(set(backends()) - set(avail)))})"
                                             if set(backends()) - set(avail) else ""))
     print()
     print(f"| {'op':<20} | {'backend':<9} | {'median ms':>10} | {'throughput':>19} | {'vs reference':>12} |")
     print(f"|{'-' * 22}|{'-' * 11}|{'-' * 12}|{'-' * 21}|{'-' * 14}|")
-    for name, fn, work, unit in cases:
+    for problem in problems:
+        inputs = problem.make_inputs(torch.device(device))
         ref = None
-        for be in usable:
+        for name in usable:
+            be = get_backend(name, device)
             try:
-                t = _median_time(lambda: fn(be), args.repeats, sync)
+                t = _median_time(lambda: problem.call(be, inputs), args.repeats, sync)
             except Exception as exc:  # one failing backend must not hide the others
-                print(f"| {name:<20} | {be:<9} | {'failed':>10} | {type(exc).__name__:>19} | {'':>12} |")
+                print(f"| {problem.op:<20} | {name:<9} | {'failed':>10} | {type(exc).__name__:>19} | {'':>12} |")
                 continue
-            if be == "reference":
+            if name == "reference":
                 ref = t
-            speed = f"{ref / t:.1f}x" if ref is not None and be != "reference" else ("1.0x" if be == "reference" else "-")
-            rate = f"{work / t / 1e9:.3f} G {unit}/s"
-            print(f"| {name:<20} | {be:<9} | {t * 1e3:>10.2f} | {rate:>19} | {speed:>12} |")
+            speed = f"{ref / t:.1f}x" if ref is not None and name != "reference" else ("1.0x" if name == "reference"
+                                                                                     else "-")
+            rate = f"{problem.work / t / 1e9:.3f} G {problem.unit}/s"
+            print(f"| {problem.op:<20} | {name:<9} | {t * 1e3:>10.2f} | {rate:>19} | {speed:>12} |")
     sys.stdout.flush()
     return 0
 
@@ -345,6 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "--slice-size cover the scan)")
     h.add_argument("--filter", default="ramp2", choices=("ramp2", "laplacian", "ramp", "none"),
                    help="reconstruction filter for tonno (default ramp2, the exact 3D inverse)")
+    h.add_argument("--window", choices=("shepp-logan", "cosine", "hamming", "hann"),
+                   help="window on the ramp2/ramp filter (FBP, and the start of the iterative methods)")
+    h.add_argument("--reconstruction", default="fbp", choices=("fbp", "sirt", "cgls", "fista"),
+                   help="fbp: filtered backprojection (default); sirt, cgls, fista: iterative least squares, "
+                        "fista with non-negativity and --tv; good from fewer --directions")
+    h.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative reconstruction "
+                   "(default 50)")
+    h.add_argument("--tv", type=float, metavar="W", help="total-variation weight of --reconstruction fista "
+                   "(dimensionless; default 1e-3)")
+    h.add_argument("--nonneg", action=argparse.BooleanOptionalAction, default=None,
+                   help="constrain the heatmap to >= 0 (default: on for sirt and fista)")
+    h.add_argument("--adjoint", choices=("exact", "backproject"),
+                   help="adjoint of the plane transform in sirt/fista: exact (default) or backproject "
+                        "(3-4x faster on the CPU, approximate)")
+    h.add_argument("--score-transform", choices=("sigmoid", "softplus"),
+                   help="monotone map of the encoder's logits before the reconstruction")
+    h.add_argument("--score-baseline", type=_score_baseline, metavar="Q",
+                   help="subtract each direction's median ('median') or Q-quantile of the slice scores, so "
+                        "slices without lesion score about 0")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: the GPU when there is one)")
     h.add_argument("--batch-size", type=int, default=256, metavar="M", help="slices per encoder call (default 256)")

@@ -1,4 +1,5 @@
-"""Random oblique slices and bags of slices for weakly-supervised training of a 2D encoder.
+"""Random oblique slices and bags of slices for weakly-supervised training of a 2D encoder (docs/design.md,
+"The method").
 
 The encoder of ToNNO is trained on slices cut at random orientations through volumes that carry only a
 volume-level label. :class:`ObliqueSliceSampler` draws either single slices, each inheriting the label of its
@@ -203,7 +204,7 @@ class ObliqueSliceSampler:
         balance: pick volumes so that each label value (``labels`` of shape ``(V,)``) is equally likely.
         fill: value read outside the volume; ``out_dtype``: dtype of the slices (e.g. ``torch.bfloat16``).
         device: where volumes live and slices are cut (default: the first volume's device).
-        backend: operator backend (see :mod:`tonno_fast.backend`).
+        backend: operator backend (see :mod:`tonno_fast.ops.registry`).
         seed: seed of the sampler's own ``torch.Generator`` (reproducible batches).
     """
 

@@ -174,7 +174,7 @@ TF_HD Acc trilinear_with_grad(const T* a, int64_t n0, int64_t n1, int64_t n2, in
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Additions for the fused CPU kernels (issue 3). Appended, existing functions unchanged.
+// Helpers of the fused CPU kernels.
 
 // Integer range [first, last) of t in [0, n) that contains every t for which the interval
 // [amin + t*b, amax + t*b] meets the open interval (lo, hi); a superset (widened by a margin that absorbs
@@ -214,7 +214,7 @@ TF_HD void clip_range(T amin, T amax, T b, T lo, T hi, int64_t n, int64_t& first
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Addition for the CUDA backprojection kernel (issue 4). Appended, existing functions unchanged.
+// Helper of the backprojection kernels.
 
 // Linear interpolation at continuous index x of a row r[0..n-1] stored zero-padded, p[0] = 0,
 // p[1 + i] = r[i], p[n + 1] = p[n + 2] = 0 (n + 3 values): for a finite row, the same value as linear_taps
