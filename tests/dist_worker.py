@@ -49,6 +49,7 @@ def main(out_path):
         for name, kw in [("fbp_ramp2", {}), ("fbp_none", {"filter": "none"}),
                          ("fbp_ramp_hann_baseline", {"filter": "ramp", "window": "hann", "score_baseline": "median"}),
                          ("sirt", {"reconstruction": "sirt", "reconstruction_options": {"iterations": 5}}),
+                         ("cgls", {"reconstruction": "cgls", "reconstruction_options": {"iterations": 5}}),
                          ("fista", {"reconstruction": "fista", "reconstruction_options": {"iterations": 5}})]:
             split = tf.tomographic_heatmap(vol, mean, process_group=group, **base, **kw)
             whole = tf.tomographic_heatmap(vol, mean, **base, **kw)

@@ -210,7 +210,7 @@ def test_torchrun_direction_split_equals_one_process(tmp_path):
     assert rc == 0, err[-3000:]
     r = json.loads(report.read_text())
     assert r["world_size"] == 2
-    for name in ("fbp_ramp2", "fbp_none", "fbp_ramp_hann_baseline", "sirt", "fista", "averaged_cam",
+    for name in ("fbp_ramp2", "fbp_none", "fbp_ramp_hann_baseline", "sirt", "cgls", "fista", "averaged_cam",
                  "tomographic_cam"):
         assert r[name] <= 1e-12, (name, r[name])
     assert r["fbp_ramp2_float32"] <= 1e-5
