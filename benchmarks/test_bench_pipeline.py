@@ -99,7 +99,7 @@ except ImportError:  # the GPU script runs without pytest
     pytest = None
 
 if pytest is not None:
-    CPU_GEOMETRY = dict(n_directions=64, slice_size=64, batch_size=512)
+    CPU_GEOMETRY = dict(n_directions=64, slice_size=64, batch_size=512, spacing=(1.0, 1.0, 1.0))
 
     @pytest.mark.filterwarnings("ignore:tonno_fast. compiled CPU kernels unavailable")
     @pytest.mark.parametrize("name", ["tonno", "averaged_cam", "tomographic_cam", "slicewise_cam"])
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     enc = tf.Encoder(model, output=1 if args.model == "resnet18" else None, autocast=ac)
     vol = phantom(args.size, dev)
     fns = pipelines(enc, layer, n_directions=args.directions, slice_size=args.slice_size,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, spacing=(1.0, 1.0, 1.0))
     names = list(fns) if args.only is None else args.only.split(",")
     name_dev = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# {datetime.date.today()} {name_dev}; {args.size}³ volume, {args.directions} directions, "

@@ -31,6 +31,7 @@ def heat(volume=VOL, encoder=sum_encoder, **kw):
     kw.setdefault("n_directions", 2)
     kw.setdefault("slice_size", 5)
     kw.setdefault("n_slices", 5)
+    kw.setdefault("spacing", (1.0, 1.0, 1.0))
     return tonno_fast.tomographic_heatmap(volume, encoder, **kw)
 
 

@@ -182,7 +182,8 @@ def test_tomographic_cam_of_a_constant_cam_is_tonno(filter):
 def test_averaged_cam_of_the_slice_itself_is_a_blurred_volume():
     # Blobs of σ 2.5–3 mm well inside a 24³ volume (the 48³ master phantom would be cut by the border).
     vol = gaussian_blobs((24, 24, 24), blobs=[((3.0, -2.0, 1.0), 3.0, 1.0), ((-3.0, 3.0, -2.0), 2.5, 0.8)])
-    out = tf.averaged_cam(vol, _sum_encoder(1.0), method=lambda x: x[:, 0], n_directions=16, backend="reference")
+    out = tf.averaged_cam(vol, _sum_encoder(1.0), method=lambda x: x[:, 0], n_directions=16, backend="reference",
+                          spacing=(1.0, 1.0, 1.0))
     assert out.shape == vol.shape
     rel = float((out - vol).norm() / vol.norm())
     # Slicing and mapping back each interpolate trilinearly: a slight blur (3.7% measured), nothing else.
@@ -201,7 +202,7 @@ def test_cam_pipelines_invariant_to_chunking_and_direction_order(fn):
     dirs = tf.fibonacci_directions(7)
     w = torch.linspace(0.5, 1.5, 7) * (2 * math.pi / 7)
     f = tf.averaged_cam if fn == "averaged" else tf.tomographic_cam
-    kw = dict(target_layers=[net[2]], weights=w, slice_size=16, backend="reference")
+    kw = dict(target_layers=[net[2]], weights=w, slice_size=16, backend="reference", spacing=(1.0, 1.0, 1.0))
     ref = f(vol, enc, directions=dirs, max_memory=1 << 30, **kw)
     small = f(vol, enc, directions=dirs, max_memory=200_000, batch_size=7, **kw)  # 1 direction per chunk
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(2))
@@ -235,13 +236,15 @@ def test_slicewise_cam_is_the_stack_of_axial_cams():
 def test_cam_argument_errors():
     vol = torch.rand(6, 6, 6)
     with pytest.raises(ValueError, match="method must be one of"):
-        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method="scorecam", n_directions=2)
+        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method="scorecam", n_directions=2, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(TypeError, match="must be an nn.Module"):
-        tf.tomographic_cam(vol, lambda x: x.sum((1, 2, 3)), target_layers="0", n_directions=2)
+        tf.tomographic_cam(vol, lambda x: x.sum((1, 2, 3)), target_layers="0", n_directions=2, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="normalize must be one of"):
-        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method=lambda x: x[:, 0], normalize="l2")
+        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method=lambda x: x[:, 0], normalize="l2",
+                        spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="max_memory must be"):
-        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method=lambda x: x[:, 0], max_memory=0)
+        tf.averaged_cam(vol, lambda x: x.sum((1, 2, 3)), method=lambda x: x[:, 0], max_memory=0,
+                        spacing=(1.0, 1.0, 1.0))
 
 
 def test_targets_override_the_encoder_output():
@@ -249,7 +252,7 @@ def test_targets_override_the_encoder_output():
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(3, 3)).eval()
     vol = gaussian_blobs((8, 8, 8), blobs=[((0.0, 1.0, 0.0), 2.0, 1.0)], dtype=torch.float32)
-    kw = dict(target_layers="0", n_directions=3, backend="reference")
+    kw = dict(target_layers="0", n_directions=3, backend="reference", spacing=(1.0, 1.0, 1.0))
     a = tf.averaged_cam(vol, net, targets=[2, 0], **kw)
     b = tf.averaged_cam(vol, tf.Encoder(net, output=(2, 0)), **kw)
     assert a.shape == (1, 2, 8, 8, 8)

@@ -262,7 +262,8 @@ def test_every_pipeline_checks_memory_first(monkeypatch, fn):
     vol = torch.rand(12, 12, 12)
     kw = {} if fn == "tomographic_heatmap" else {"method": lambda x: x[:, 0]}
     with pytest.raises(memory.MemoryBudgetError) as info:
-        getattr(tf, fn)(vol, lambda x: x.mean((1, 2, 3)), n_directions=10_000, max_memory=1 << 20, **kw)
+        getattr(tf, fn)(vol, lambda x: x.mean((1, 2, 3)), n_directions=10_000, spacing=1.0, max_memory=1 << 20,
+                         **kw)
     assert info.value.parameter == "n_directions" and made == []
 
 
@@ -272,12 +273,12 @@ def test_many_encoder_outputs_are_checked_before_the_sinogram(monkeypatch):
     vol = torch.rand(16, 16, 16)
     wide = lambda x: x.mean((1, 2, 3))[:, None].expand(-1, 200_000)  # noqa: E731  (an unselected classifier)
     with pytest.raises(memory.MemoryBudgetError, match="select fewer encoder outputs|lower n_directions") as info:
-        tf.tomographic_heatmap(vol, wide, n_directions=8)
+        tf.tomographic_heatmap(vol, wide, n_directions=8, spacing=1.0)
     assert "200000 output(s)" in str(info.value)
     # The CAM pipelines know K from their probe: checked before the accumulator.
     with pytest.raises(memory.MemoryBudgetError):
         tf.averaged_cam(vol, lambda x: x.mean((1, 2, 3)), method=lambda x: x[:, :1].expand(-1, 5000, -1, -1),
-                        n_directions=2)
+                        n_directions=2, spacing=1.0)
 
 
 def test_slicewise_and_max_memory_hints(monkeypatch):

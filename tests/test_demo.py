@@ -57,6 +57,20 @@ def test_subjects_are_deterministic_and_labelled(template):
         assert abs(float(np.median(s.image[s.brain])) - 1.0) < 0.05
 
 
+def test_lesion_sizes_and_polarities_are_balanced(template):
+    pop = make_population(template, 16, seed=1, lesion_radius=((6, 10), (12, 18)), hypointense_fraction=0.5)
+    groups = [(s.polarity, float(s.lesion_radii.max()) < 11) for s in pop if s.label]
+    assert sorted(set(groups)) == [("hyper", False), ("hyper", True), ("hypo", False), ("hypo", True)]
+    assert all(groups.count(g) == 2 for g in set(groups))
+    for s in pop:
+        if s.polarity == "hypo":  # darker than the white matter around it
+            wm = s.brain & ~s.lesion & (s.image > np.median(s.image[s.brain]))
+            assert s.image[s.lesion].mean() < 0.8 * s.image[wm].mean()
+        assert s.polarity == ("none" if not s.label else s.polarity)
+    with pytest.raises(ValueError, match="polarity"):
+        make_subject(template, 0, 0, positive=True, polarity="bright")
+
+
 def test_subjects_differ(template):
     a, b = make_subject(template, 0, 0, positive=False), make_subject(template, 0, 1, positive=False)
     assert np.abs(a.image - b.image).mean() > 0.05
@@ -69,7 +83,7 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
     res = json.loads((tmp_path / "results.json").read_text())
     methods = res["methods"]
     from tonno_fast.demo.run import METHODS
-    assert set(methods) == set(METHODS) and len(METHODS) == 8
+    assert set(methods) == set(METHODS) and len(METHODS) == 10  # 8 heatmap methods + 2 no-model baselines
     for m in methods.values():
         assert 0.0 <= m["mean"]["best"]["dice"] <= 1.0
     # The oracle (true plane integrals) must localise the lesions even at 8 directions and 6 mm.
@@ -77,7 +91,12 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
     assert 0.0 <= res["encoder"]["auc"] <= 1.0 and 0.0 < res["encoder"]["lesion_fraction"] <= 1.0
     assert -1.0 <= res["plane_integral_r"] <= 1.0
     md = (tmp_path / "results.md").read_text()
-    assert "| ToNNO (ramp2, exact inverse) |" in md and "accuracy" in md and "| laplacian |" in md
+    assert "| ToNNO (ramp2, exact inverse) |" in md and "lesion-crossing slice AUC" in md and "| laplacian |" in md
+    # Both objectives, every seed, and the training curves.
+    assert set(res["runs"]) == {"bag", "slice"} and all(len(r) == 2 for r in res["runs"].values())
+    assert "## Training curves" in md and (tmp_path / "training_curves.png").exists()
+    import tonno_fast
+    assert tonno_fast.load_encoder(tmp_path / "encoder.pt").pixel_spacing == 6.0  # a bundle with its geometry
     assert list((tmp_path / "png").glob("*.png"))
     heat = sorted((tmp_path / "heatmaps").glob("*_tonno.nii.gz"))
     assert heat

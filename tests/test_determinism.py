@@ -125,7 +125,7 @@ def test_heatmaps_from_several_python_threads():
     """Whole pipelines in parallel threads (different encoders and volumes) do not interfere."""
     vols = [torch.rand(9, 10, 11, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     encoders = [lambda x: x.sum(dim=(1, 2, 3)), lambda x: x.amax(dim=(1, 2, 3)), lambda x: (x * x).mean(dim=(1, 2, 3))]
-    kw = dict(n_directions=5, slice_size=9, n_slices=9, batch_size=7)
+    kw = dict(n_directions=5, slice_size=9, n_slices=9, batch_size=7, spacing=(1.0, 1.0, 1.0))
     serial = [tonno_fast.tomographic_heatmap(v, e, **kw) for v, e in zip(vols, encoders)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         parallel = list(pool.map(lambda i: tonno_fast.tomographic_heatmap(vols[i], encoders[i], **kw), range(3)))

@@ -29,7 +29,7 @@ def axial_geometry_kwargs(shape):
     """Slices of the single direction e_z at the voxel grid: slice k is exactly volume[k] (1 mm spacing)."""
     D, H, W = shape
     return dict(directions=[[0.0, 0.0, 1.0]], n_slices=D, slice_size=(H, W), pixel_spacing=1.0,
-                slice_spacing=1.0, filter="none", backend="reference")
+                slice_spacing=1.0, filter="none", backend="reference", spacing=(1.0, 1.0, 1.0))
 
 
 def test_axial_geometry_gives_the_volume_slices():
@@ -57,8 +57,9 @@ def test_context_is_independent_of_chunking():
     vol = gaussian_blobs((10, 11, 12))
     enc = Encoder(lambda x: x[:, 0].sum((-2, -1)) - 0.5 * x[:, 2].sum((-2, -1)), context=1, in_channels=None,
                   batch_size=5)
-    ref = tf.tomographic_heatmap(vol, enc, n_directions=5, backend="reference")
-    chunked = tf.tomographic_heatmap(vol, enc, n_directions=5, backend="reference", max_memory=8 * 400 * 4 * 3)
+    ref = tf.tomographic_heatmap(vol, enc, n_directions=5, backend="reference", spacing=(1.0, 1.0, 1.0))
+    chunked = tf.tomographic_heatmap(vol, enc, n_directions=5, backend="reference", max_memory=8 * 400 * 4 * 3,
+                                     spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(chunked, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
 
 
@@ -82,9 +83,9 @@ def test_window_is_applied_to_the_volume_and_the_fill():
     torch.testing.assert_close(torch.cat(rec.batches)[:, 0], ((hu + 1000) / 1400).clamp(0, 1))
     # oblique slices: the same as slicing the windowed volume with the windowed fill (0 here)
     enc = Encoder(lambda x: x.sum((1, 2, 3)), window=(-1000, 400), in_channels=None)
-    a = tf.tomographic_heatmap(hu, enc, n_directions=4, fill=-2000.0, backend="reference")
+    a = tf.tomographic_heatmap(hu, enc, n_directions=4, fill=-2000.0, backend="reference", spacing=(1.0, 1.0, 1.0))
     b = tf.tomographic_heatmap(((hu + 1000) / 1400).clamp(0, 1), lambda x: x.sum((1, 2, 3)), n_directions=4,
-                               backend="reference")
+                               backend="reference", spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(a, b)
 
 
@@ -93,12 +94,12 @@ def test_zscore_per_volume_equals_slicing_the_standardised_volume():
     f = lambda x: (x ** 2).sum((1, 2, 3))  # noqa: E731 - non-linear, so a wrong affine map would show
     fill = 0.5
     got = tf.tomographic_heatmap(vols, Encoder(f, zscore=True, in_channels=None), n_directions=5, fill=fill,
-                                 backend="reference")
+                                 backend="reference", spacing=(1.0, 1.0, 1.0))
     for b in range(2):
         v = vols[b, 0]
         mean, std = v.mean(), v.std()
         expect = tf.tomographic_heatmap((v - mean) / std, f, n_directions=5, fill=float((fill - mean) / std),
-                                        backend="reference")
+                                        backend="reference", spacing=(1.0, 1.0, 1.0))
         torch.testing.assert_close(got[b, 0], expect, rtol=1e-9, atol=1e-9 * float(expect.abs().max()))
 
 
@@ -138,11 +139,11 @@ def test_batching_input_size_and_slice_dtype():
     rec = Recorder()
     vol = torch.rand(7, 8, 9)
     enc = Encoder(rec, input_size=(12, 10), batch_size=13, slice_dtype=torch.bfloat16, in_channels=None)
-    tf.tomographic_heatmap(vol, enc, n_directions=3, n_slices=11)
+    tf.tomographic_heatmap(vol, enc, n_directions=3, n_slices=11, spacing=(1.0, 1.0, 1.0))
     assert all(b.shape[0] <= 13 and b.shape[-2:] == (12, 10) and b.dtype == torch.bfloat16 for b in rec.batches)
     assert sum(b.shape[0] for b in rec.batches) == 3 * 11
     with pytest.raises(ValueError, match="contradicts the encoder's input_size"):
-        tf.tomographic_heatmap(vol, enc, n_directions=3, slice_size=16)
+        tf.tomographic_heatmap(vol, enc, n_directions=3, slice_size=16, spacing=(1.0, 1.0, 1.0))
 
 
 def test_device_placement_moves_batches_to_the_model_device():
@@ -162,9 +163,10 @@ def test_device_placement_moves_batches_to_the_model_device():
     enc = Encoder(Where().to(target))
     assert enc.device(torch.device("cpu")).type == target
     vol = gaussian_blobs((8, 8, 8), dtype=torch.float32)
-    out = tf.tomographic_heatmap(vol, enc, n_directions=3, backend="reference")
+    out = tf.tomographic_heatmap(vol, enc, n_directions=3, backend="reference", spacing=(1.0, 1.0, 1.0))
     assert out.device.type == "cpu" and set(d.type for d in devices) == {target}
-    ref = tf.tomographic_heatmap(vol, lambda x: x.sum((1, 2, 3)), n_directions=3, backend="reference")
+    ref = tf.tomographic_heatmap(vol, lambda x: x.sum((1, 2, 3)), n_directions=3, backend="reference",
+                                 spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(out, ref)
 
 

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+import tonno_fast
 from tonno_fast.evaluation import (dice, evaluate_heatmap, evaluate_heatmaps, iou, otsu_threshold,
-                                   quantile_threshold, threshold_sweep)
+                                   quantile_threshold, roc_auc, threshold_sweep)
 
 
 def _box(shape, sl):
@@ -83,3 +84,25 @@ def test_evaluate_heatmaps_averages():
     assert out["mean"]["best"]["dice"] == pytest.approx((1 + 8 / 12) / 2)
     with pytest.raises(ValueError, match="no positive voxel"):
         threshold_sweep(perfect, np.zeros((4, 4, 4), dtype=bool))
+
+
+def test_roc_auc_matches_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (60,), generator=g).double()  # ties on purpose
+    y = torch.rand(60, generator=g) > 0.4
+    pos, neg = s[y], s[~y]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    assert abs(roc_auc(s, y) - float(pairs.mean())) < 1e-12
+    assert tonno_fast.roc_auc is roc_auc  # public at the top level
+
+
+def test_roc_auc_by_hand_and_bad_input():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc(np.array([3.0, 1.0]), np.array([True, False])) == 1.0
+    assert roc_auc([1.0, 1.0, 1.0], [0, 1, 1]) == 0.5  # all tied
+    with pytest.raises(ValueError, match="both positive and negative"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="same length"):
+        roc_auc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc([0.1, float("nan")], [0, 1])

@@ -129,9 +129,9 @@ def test_nan_voxels_load_and_are_refused_by_the_pipeline_unless_allowed(tmp_path
     assert int(torch.isnan(vol.data).sum()) == 1 and int(torch.isinf(vol.data).sum()) == 1
     enc = lambda x: torch.nan_to_num(x, nan=0.0, posinf=0.0).sum(dim=(1, 2, 3))  # noqa: E731
     with pytest.raises(ValueError, match=r"volume contains 2 NaN or inf values.*allow_nonfinite=True"):
-        tonno_fast.tomographic_heatmap(vol.data, enc, n_directions=2, slice_size=7, n_slices=7)
+        tonno_fast.tomographic_heatmap(vol.data, enc, n_directions=2, slice_size=7, n_slices=7, spacing=(1.0, 1.0, 1.0))
     out = tonno_fast.tomographic_heatmap(vol.data, enc, n_directions=2, slice_size=7, n_slices=7,
-                                         allow_nonfinite=True)
+                                         allow_nonfinite=True, spacing=(1.0, 1.0, 1.0))
     assert torch.isfinite(out).all()
 
 
@@ -227,7 +227,7 @@ def test_encoder_error_writes_nothing(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"encoder raised RuntimeError.*simulated"):
         heat = tonno_fast.tomographic_heatmap(torch.rand(5, 5, 5), flaky, n_directions=4, slice_size=5,
-                                              n_slices=5, batch_size=5)
+                                              n_slices=5, batch_size=5, spacing=(1.0, 1.0, 1.0))
         tonno_fast.save_nifti(target, heat, np.eye(4))
     assert _files(tmp_path) == []
 

@@ -33,7 +33,8 @@ def test_master_identity_sum_encoder(spacing):
 @pytest.mark.parametrize("filt", ["ramp2", "laplacian"])
 def test_constant_score_gives_zero_heatmap(filt):
     vol = torch.randn(9, 10, 11)
-    heat = tf.tomographic_heatmap(vol, lambda x: torch.full((x.shape[0],), 3.7), n_directions=8, filter=filt)
+    heat = tf.tomographic_heatmap(vol, lambda x: torch.full((x.shape[0],), 3.7), n_directions=8, filter=filt,
+                                  spacing=(1.0, 1.0, 1.0))
     assert heat.abs().max() < 1e-4  # float32 rounding of FFT and backprojection of 3.7
 
 
@@ -41,19 +42,21 @@ def test_multiple_outputs_and_batches():
     torch.manual_seed(0)
     vol = torch.randn(2, 1, 9, 10, 11)
     enc = lambda x: torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
-    heat = tf.tomographic_heatmap(vol, enc, n_directions=6)
+    heat = tf.tomographic_heatmap(vol, enc, n_directions=6, spacing=(1.0, 1.0, 1.0))
     assert heat.shape == (2, 3, 9, 10, 11) and heat.dtype == torch.float32
-    one = tf.tomographic_heatmap(vol[1], enc, n_directions=6)
+    one = tf.tomographic_heatmap(vol[1], enc, n_directions=6, spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(one[0], heat[1], rtol=1e-5, atol=1e-5)
     # 3D volume with a single-score encoder gives (D, H, W)
-    assert tf.tomographic_heatmap(vol[0, 0], lambda x: x.mean(dim=(1, 2, 3)), n_directions=4).shape == (9, 10, 11)
+    assert tf.tomographic_heatmap(vol[0, 0], lambda x: x.mean(dim=(1, 2, 3)), n_directions=4,
+                                  spacing=(1.0, 1.0, 1.0)).shape == (9, 10, 11)
 
 
 def test_int16_volume_and_float64():
     vol = (torch.rand(8, 9, 10) * 1000 - 500).to(torch.int16)
-    heat = tf.tomographic_heatmap(vol, lambda x: x.mean(dim=(1, 2, 3)), n_directions=4)
+    heat = tf.tomographic_heatmap(vol, lambda x: x.mean(dim=(1, 2, 3)), n_directions=4, spacing=(1.0, 1.0, 1.0))
     assert heat.dtype == torch.float32
-    heat64 = tf.tomographic_heatmap(vol.double(), lambda x: x.mean(dim=(1, 2, 3)), n_directions=4)
+    heat64 = tf.tomographic_heatmap(vol.double(), lambda x: x.mean(dim=(1, 2, 3)), n_directions=4,
+                                    spacing=(1.0, 1.0, 1.0))
     assert heat64.dtype == torch.float64
     torch.testing.assert_close(heat.double(), heat64, rtol=1e-4, atol=1e-3)
 
@@ -67,14 +70,15 @@ def test_batch_size_does_not_change_the_result():
         calls.append(x.shape[0])
         return x.mean(dim=(1, 2, 3))
 
-    a = tf.tomographic_heatmap(vol, enc, n_directions=5, batch_size=7)
+    a = tf.tomographic_heatmap(vol, enc, n_directions=5, batch_size=7, spacing=(1.0, 1.0, 1.0))
     assert max(calls) <= 7
-    b = tf.tomographic_heatmap(vol, enc, n_directions=5, batch_size=1000)
+    b = tf.tomographic_heatmap(vol, enc, n_directions=5, batch_size=1000, spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_progress_bar(capsys):
-    tf.tomographic_heatmap(torch.rand(6, 6, 6), lambda x: x.mean(dim=(1, 2, 3)), n_directions=3, progress=True)
+    tf.tomographic_heatmap(torch.rand(6, 6, 6), lambda x: x.mean(dim=(1, 2, 3)), n_directions=3, progress=True,
+                           spacing=(1.0, 1.0, 1.0))
     assert "slice" in capsys.readouterr().err
 
 
@@ -97,12 +101,12 @@ def test_progress_bar(capsys):
 def test_bad_inputs(volume, encoder, kw, exc, msg):
     encoder = encoder or (lambda x: x.mean(dim=(1, 2, 3)))
     with pytest.raises(exc, match=msg):
-        tf.tomographic_heatmap(volume, encoder, n_directions=3, **kw)
+        tf.tomographic_heatmap(volume, encoder, n_directions=3, **{"spacing": (1.0, 1.0, 1.0), **kw})
 
 
 def test_non_unit_directions_are_normalised():
     vol = torch.rand(6, 7, 8, dtype=torch.float64)
     enc = lambda x: x.mean(dim=(1, 2, 3))
-    a = tf.tomographic_heatmap(vol, enc, directions=[[0, 0, 2.0], [3.0, 0, 0]])
-    b = tf.tomographic_heatmap(vol, enc, directions=[[0, 0, 1.0], [1.0, 0, 0]])
+    a = tf.tomographic_heatmap(vol, enc, directions=[[0, 0, 2.0], [3.0, 0, 0]], spacing=(1.0, 1.0, 1.0))
+    b = tf.tomographic_heatmap(vol, enc, directions=[[0, 0, 1.0], [1.0, 0, 0]], spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(a, b)

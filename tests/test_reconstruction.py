@@ -472,8 +472,8 @@ def test_pipeline_reconstruction_and_kept_sinogram():
     calls = []
     enc = _counting_sum_encoder(g.pixel_area, calls)
     options = dict(iterations=7, tv=0.01)
-    res = tf.tomographic_heatmap(vol, enc, n_directions=6, reconstruction="fista", reconstruction_options=options,
-                                 return_sinogram=True)
+    res = tf.tomographic_heatmap(vol, enc, spacing=1.0, n_directions=6, reconstruction="fista",
+                                 reconstruction_options=options, return_sinogram=True)
     assert isinstance(res, tf.pipeline.HeatmapResult) and res.heatmap.shape == vol.shape
     assert sum(calls) == 6 * g.n_slices
     sino = tf.encode_slices(vol[None, None], g, enc)
@@ -483,10 +483,11 @@ def test_pipeline_reconstruction_and_kept_sinogram():
     del calls[:]
     again = tf.reconstruct(res.sinogram, res.geometry, "cgls", iterations=7)
     assert calls == []
-    torch.testing.assert_close(again[0, 0], tf.tomographic_heatmap(vol, enc, n_directions=6, reconstruction="cgls",
+    torch.testing.assert_close(again[0, 0], tf.tomographic_heatmap(vol, enc, spacing=1.0, n_directions=6,
+                                                                     reconstruction="cgls",
                                                                      reconstruction_options=dict(iterations=7)))
     # Calibration options reach the reconstruction.
-    heat = tf.tomographic_heatmap(vol, lambda x: torch.sigmoid(enc(x) - 1.0), n_directions=6,
+    heat = tf.tomographic_heatmap(vol, lambda x: torch.sigmoid(enc(x) - 1.0), spacing=1.0, n_directions=6,
                                   reconstruction="sirt", score_transform="softplus", score_baseline=0.2,
                                   reconstruction_options=dict(iterations=5))
     expect = tf.reconstruct(torch.sigmoid(sino - 1.0), g, "sirt", iterations=5, score_transform="softplus",
@@ -506,7 +507,7 @@ def test_pipeline_checks_reconstruction_before_scoring(kw, msg):
     def enc(x):
         raise AssertionError("the encoder must not run when the reconstruction options are wrong")
     with pytest.raises(ValueError, match=msg):
-        tf.tomographic_heatmap(torch.rand(6, 6, 6), enc, n_directions=3, **kw)
+        tf.tomographic_heatmap(torch.rand(6, 6, 6), enc, spacing=1.0, n_directions=3, **kw)
 
 
 @pytest.fixture

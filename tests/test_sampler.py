@@ -8,7 +8,7 @@ import tonno_fast.ops as ops_module
 from tonno_fast.geometry import make_geometry, rotate_frames_in_plane, shift_offsets
 from tonno_fast.ops import slice_volume
 from tonno_fast.sampler import ObliqueSliceSampler, sample_directions
-from tonno_fast.training import evaluate_encoder, roc_auc, train_encoder
+from tonno_fast.training import evaluate_encoder, train_encoder
 
 
 def test_shifted_axial_slice_is_the_volume_plane():
@@ -78,8 +78,8 @@ def test_shapes_labels_and_aux():
 def test_reproducible_with_seed_and_balance():
     vols = _volumes(6)
     labels = [0, 0, 0, 0, 0, 1]
-    a = ObliqueSliceSampler(vols, labels, slice_size=6, seed=3, balance=True).sample(400)
-    b = ObliqueSliceSampler(vols, labels, slice_size=6, seed=3, balance=True).sample(400)
+    a = ObliqueSliceSampler(vols, labels, slice_size=6, seed=3, balance=True, spacing=(1.0, 1.0, 1.0)).sample(400)
+    b = ObliqueSliceSampler(vols, labels, slice_size=6, seed=3, balance=True, spacing=(1.0, 1.0, 1.0)).sample(400)
     torch.testing.assert_close(a.slices, b.slices)
     torch.testing.assert_close(a.normals, b.normals)
     # Balanced: the single positive volume gives about half of the slices (binomial sd 0.025).
@@ -102,7 +102,7 @@ def test_cone_orientation_distribution(axis, angle):
 
 
 def test_hemisphere_sampler_is_uniform_through_the_sampler():
-    s = ObliqueSliceSampler([torch.rand(6, 6, 6)], [1], slice_size=4, seed=1)
+    s = ObliqueSliceSampler([torch.rand(6, 6, 6)], [1], slice_size=4, seed=1, spacing=(1.0, 1.0, 1.0))
     n = s.sample(4000).normals
     # Uniform on the hemisphere: n_z ~ U(0, 1) (mean 1/2, sd 1/√12), azimuth uniform (mean n_x = n_y = 0).
     se = 1 / math.sqrt(12 * 4000)
@@ -119,35 +119,26 @@ def test_one_fused_call_per_volume_per_batch(monkeypatch):
         return real(volume, geometry, **kw)
 
     monkeypatch.setattr(ops_module, "slice_volume", spy)
-    s = ObliqueSliceSampler(_volumes(5), [0, 1, 0, 1, 0], slice_size=5, seed=0, volumes_per_batch=3)
+    s = ObliqueSliceSampler(_volumes(5), [0, 1, 0, 1, 0], slice_size=5, seed=0, volumes_per_batch=3, spacing=(1.0, 1.0, 1.0))
     b = s.sample(64)
     assert len(calls) == len(torch.unique(b.volume_index)) <= 3
     assert sum(c[1] for c in calls) == 64  # every slice came out of the fused op, one direction each
     assert all(c[2] == 1 for c in calls)
     calls.clear()
-    s2 = ObliqueSliceSampler(_volumes(5), [0, 1, 0, 1, 0], slice_size=5, seed=0)
+    s2 = ObliqueSliceSampler(_volumes(5), [0, 1, 0, 1, 0], slice_size=5, seed=0, spacing=(1.0, 1.0, 1.0))
     b2 = s2.sample(200)
     assert len(calls) == len(torch.unique(b2.volume_index)) == 5
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="labels"):
-        ObliqueSliceSampler(_volumes(2), [0, 1, 1])
+        ObliqueSliceSampler(_volumes(2), [0, 1, 1], spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="cone_angle"):
-        ObliqueSliceSampler(_volumes(2), [0, 1], orientation="cone", cone_angle=2.0)
+        ObliqueSliceSampler(_volumes(2), [0, 1], orientation="cone", cone_angle=2.0, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="body_masks\\[0\\] is empty"):
-        ObliqueSliceSampler(_volumes(1), [0], body_masks=[torch.zeros(10, 12, 11, dtype=torch.bool)])
+        ObliqueSliceSampler(_volumes(1), [0], body_masks=[torch.zeros(10, 12, 11, dtype=torch.bool)], spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="orientation"):
         sample_directions(3, orientation="sphere")
-
-
-def test_roc_auc_matches_pairwise_definition():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randint(0, 5, (60,), generator=g).double()  # ties on purpose
-    y = torch.rand(60, generator=g) > 0.4
-    pos, neg = s[y], s[~y]
-    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
-    assert abs(roc_auc(s, y) - float(pairs.mean())) < 1e-12
 
 
 def test_training_helper_learns_an_easy_task():
@@ -158,7 +149,7 @@ def test_training_helper_learns_an_easy_task():
     vols = [0.1 * torch.rand(16, 16, 16) + (i % 2) * ball for i in range(8)]
     labels = [i % 2 for i in range(8)]
     s = ObliqueSliceSampler(vols, labels, slice_size=12, pixel_spacing=1.5, seed=0, balance=True,
-                            body_masks=[ball.bool()] * 8, aux=[(i % 2) * ball[None] for i in range(8)])
+                            body_masks=[ball.bool()] * 8, aux=[(i % 2) * ball[None] for i in range(8)], spacing=(1.0, 1.0, 1.0))
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(4, 1))
     hist = train_encoder(net, s, steps=40, batch_size=32, lr=0.05, log_every=20)
@@ -166,3 +157,21 @@ def test_training_helper_learns_an_easy_task():
     res = evaluate_encoder(net, s, n_slices=256)
     assert res["auc"] > 0.95 and res["accuracy"] > 0.85
     assert res["lesion_fraction"] == 1.0  # every plane goes through the ball (the body mask)
+
+
+def test_spacing_is_required_or_read_from_scans_and_bool_aux():
+    vols = _volumes(2)
+    with pytest.raises(ValueError, match="spacing is required"):
+        ObliqueSliceSampler(vols, [0, 1])
+    from tonno_fast.io import NiftiVolume
+    import numpy as np
+    scans = [NiftiVolume(v, (2.0, 1.0, 1.5), np.eye(4)) for v in vols]
+    s = ObliqueSliceSampler(scans, [0, 1], slice_size=5, seed=0)
+    assert s.spacings == [(2.0, 1.0, 1.5)] * 2
+    # A bool mask as aux is cut like a 0/1 volume (not refused as if it were an image).
+    masks = [torch.ones(10, 12, 11, dtype=torch.bool)] * 2
+    b = ObliqueSliceSampler(vols, [0, 1], spacing=(1.0, 1.0, 1.0), slice_size=5, aux=masks, seed=0,
+                            body_masks=masks).sample(8)
+    assert b.aux.dtype == torch.float32 and float(b.aux.max()) == 1.0
+    with pytest.raises(TypeError, match=r"volumes\[0\] must be real-valued"):
+        ObliqueSliceSampler([m for m in masks], [0, 1], spacing=(1.0, 1.0, 1.0))

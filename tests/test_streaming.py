@@ -54,7 +54,7 @@ def test_chunks_stay_under_the_budget(recorded, n_directions):
     direction_stack = S * h * w * 4
     assert direction_stack < budget // 2 < 2 * direction_stack  # so exactly one direction per chunk
     tf.tomographic_cam(vol, _tiny_cnn(), target_layers="2", n_directions=n_directions, max_memory=budget,
-                       batch_size=16, backend="reference")
+                       batch_size=16, backend="reference", spacing=(1.0, 1.0, 1.0))
     assert len(recorded["stacks"]) == n_directions
     assert max(recorded["stacks"]) <= budget // 2
     # slices in flight: at most a quarter of the budget (one slice position costs h·w·4 bytes)
@@ -65,8 +65,9 @@ def test_chunks_stay_under_the_budget(recorded, n_directions):
 def test_scores_pipeline_independent_of_max_memory(recorded):
     vol = gaussian_blobs((12, 13, 14))
     f = lambda x: x.sum((1, 2, 3))  # noqa: E731
-    ref = tf.tomographic_heatmap(vol, f, n_directions=6, backend="reference")
-    small = tf.tomographic_heatmap(vol, f, n_directions=6, backend="reference", max_memory=20_000, batch_size=3)
+    ref = tf.tomographic_heatmap(vol, f, n_directions=6, backend="reference", spacing=(1.0, 1.0, 1.0))
+    small = tf.tomographic_heatmap(vol, f, n_directions=6, backend="reference", max_memory=20_000, batch_size=3,
+                                   spacing=(1.0, 1.0, 1.0))
     assert max(recorded["slices"][-10:]) <= 20_000 // 4 + 23 * 23 * 8  # ≥ one slice position always
     torch.testing.assert_close(small, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
 
@@ -88,7 +89,7 @@ _MEASURE = textwrap.dedent("""
     net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)).eval()
     vol = torch.rand(128, 128, 128)
-    kw = dict(target_layers="2", slice_size=48, max_memory=max_memory, batch_size=512)
+    kw = dict(target_layers="2", slice_size=48, max_memory=max_memory, batch_size=512, spacing=(1.0, 1.0, 1.0))
     tf.tomographic_cam(vol, net, n_directions=1, **kw)  # warm-up: allocator pools, oneDNN kernels
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS

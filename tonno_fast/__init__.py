@@ -24,13 +24,16 @@ __all__ = [
     "load_nifti", "save_nifti", "backends", "BackendUnavailable",
 ]
 
-# Weak supervision and evaluation: training slices, a BCE helper, Dice/IoU and thresholds.
-from .sampler import ObliqueSliceSampler, SliceBatch, sample_directions
-from .training import evaluate_encoder, train_encoder
-from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, threshold_sweep
+# Weak supervision and evaluation: training slices and bags, per-slice and multiple-instance training, encoder
+# bundles that carry their slice geometry, Dice/IoU/ROC AUC and thresholds.
+from .sampler import BagBatch, ObliqueSliceSampler, SliceBatch, sample_directions
+from .training import TrainingHistory, evaluate_encoder, pool_bags, train_encoder
+from .bundle import load_encoder, save_encoder
+from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, roc_auc, threshold_sweep
 
-__all__ += ["ObliqueSliceSampler", "SliceBatch", "sample_directions", "train_encoder", "evaluate_encoder",
-            "dice", "iou", "threshold_sweep", "evaluate_heatmap", "evaluate_heatmaps"]
+__all__ += ["ObliqueSliceSampler", "SliceBatch", "BagBatch", "sample_directions", "train_encoder",
+            "evaluate_encoder", "pool_bags", "TrainingHistory", "save_encoder", "load_encoder",
+            "dice", "iou", "roc_auc", "threshold_sweep", "evaluate_heatmap", "evaluate_heatmaps"]
 
 # Iterative few-view reconstruction and score calibration.
 from .reconstruction import calibrate_scores, reconstruct

@@ -1,6 +1,7 @@
 """The ``tonno-fast`` command line: heatmaps of NIfTI scans, the demo, and an operator benchmark.
 
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt
+    tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder bundle.pt   # from tonno_fast.save_encoder
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder mypkg.models:make_net --weights net.pt \\
         --method tomographic-cam --target-layer features.3 --png overlay.png
     tonno-fast heatmap -i scan.nii.gz -o heat.nii.gz --encoder model.pt --directions 16 --reconstruction fista
@@ -17,7 +18,7 @@ option, a run too large for the memory) print one line ``tonno-fast: error: ...`
 from __future__ import annotations
 
 import argparse
-import importlib
+import copy
 import statistics
 import sys
 import time
@@ -36,23 +37,32 @@ class CLIError(Exception):
 
 # ---------------------------------------------------------------------------------------------- encoder loading
 def load_encoder(spec: str, weights: Optional[str] = None, device: str = "cpu"):
-    """Load a 2D encoder from ``spec``: a TorchScript file, or ``package.module:factory`` (a callable returning
-    an ``nn.Module``) plus an optional state-dict file ``weights``. Returns the module in eval mode on
-    ``device``. Raises :class:`CLIError` with one clear line when it cannot."""
+    """Load a 2D encoder from ``spec``: an encoder bundle (:func:`tonno_fast.save_encoder`; returned as a
+    :class:`tonno_fast.Encoder` carrying its training slice geometry), a TorchScript file, or
+    ``package.module:factory`` (a callable returning an ``nn.Module``) plus an optional state-dict file
+    ``weights``. Returns the Encoder or the module in eval mode on ``device``. Raises :class:`CLIError` with
+    one clear line when it cannot."""
     import torch
 
+    from .bundle import is_encoder_bundle, resolve_factory
+    from .bundle import load_encoder as load_bundle
+
     path = Path(spec)
-    if ":" in spec and not path.exists():
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise CLIError(f"--encoder {spec!r}: expected package.module:factory")
+    if path.is_file() and is_encoder_bundle(path):
+        if weights is not None:
+            raise CLIError("--weights is not used with an encoder bundle (the bundle holds its weights)")
         try:
-            module = importlib.import_module(module_name)
+            return load_bundle(path, device=device)
         except Exception as exc:
-            raise CLIError(f"--encoder {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
-        factory = getattr(module, attr, None)
-        if factory is None or not callable(factory):
-            raise CLIError(f"--encoder {spec!r}: module {module_name!r} has no callable {attr!r}")
+            text = str(exc).strip().splitlines()
+            raise CLIError(f"--encoder {path}: cannot load this bundle ({text[0] if text else type(exc).__name__})"
+                           ) from None
+    if ":" in spec and not path.exists():
+        attr = spec.partition(":")[2]
+        try:
+            factory = resolve_factory(spec)
+        except ValueError as exc:
+            raise CLIError(f"--encoder {spec!r}: {exc}") from None
         try:
             model = factory()
         except Exception as exc:
@@ -81,9 +91,9 @@ def load_encoder(spec: str, weights: Optional[str] = None, device: str = "cpu"):
                 warnings.simplefilter("ignore", FutureWarning)
                 model = torch.jit.load(str(path), map_location="cpu")
         except Exception:
-            raise CLIError(f"--encoder {path}: not a TorchScript file (save one with "
-                           f"torch.jit.script(model).save(path), or use --encoder package.module:factory "
-                           f"--weights state.pt)") from None
+            raise CLIError(f"--encoder {path}: not an encoder bundle, and not a TorchScript file (save a bundle "
+                           f"with tonno_fast.save_encoder, TorchScript with torch.jit.script(model).save(path), "
+                           f"or use --encoder package.module:factory --weights state.pt)") from None
     model.eval()
     return model.to(device)
 
@@ -99,9 +109,11 @@ def _resolve_device(name: str) -> str:
 
 
 def _single_score(encoder, class_index: Optional[int]) -> Callable:
-    """Wrap ``encoder`` so it returns one score per slice: column ``class_index`` of a multi-output model."""
-    def score(x):
-        out = encoder(x)
+    """Wrap ``encoder`` so it returns one score per slice: column ``class_index`` of a multi-output model. An
+    :class:`~tonno_fast.Encoder` (from a bundle) keeps its slice geometry and selects the column itself."""
+    from .encoder import Encoder
+
+    def select(out):
         if out.ndim == 2 and out.shape[1] > 1:
             if class_index is None:
                 raise CLIError(f"the encoder returns {out.shape[1]} scores per slice; choose one with --class-index")
@@ -111,7 +123,10 @@ def _single_score(encoder, class_index: Optional[int]) -> Callable:
         if class_index not in (None, 0):
             raise CLIError(f"--class-index {class_index}: the encoder returns a single score per slice")
         return out.reshape(out.shape[0], -1)[:, 0] if out.ndim == 2 else out
-    return score
+
+    if isinstance(encoder, Encoder):
+        return encoder.with_output(select)
+    return lambda x: select(encoder(x))
 
 
 # ------------------------------------------------------------------------------------------------- subcommands
@@ -145,6 +160,9 @@ def cmd_heatmap(args) -> int:
         common = dict(n_directions=args.directions, batch_size=args.batch_size,
                       progress=plan.single and ctx.is_main and not args.quiet)
         if args.slice_size is not None:
+            if getattr(model, "input_size", None) is not None:  # a bundle: the user overrides its training size
+                model = copy.copy(model)
+                model.input_size = (args.slice_size, args.slice_size)
             common["slice_size"] = args.slice_size
         if args.pixel_spacing is not None:
             common["pixel_spacing"] = args.pixel_spacing
@@ -296,10 +314,11 @@ def _cam_heatmap(args, model, common) -> Callable:
         fn = tf.averaged_cam if args.method == "averaged-cam" else tf.tomographic_cam
     except AttributeError:
         raise CLIError(f"--method {args.method} is not available in this installation of tonno_fast") from None
-    if isinstance(model, torch.jit.ScriptModule):
+    module = getattr(model, "model", model)  # an Encoder from a bundle wraps the module
+    if isinstance(module, torch.jit.ScriptModule):
         raise CLIError(f"--method {args.method} needs gradients through a named layer, which a TorchScript file "
-                       f"cannot give; use --encoder package.module:factory --weights state.pt")
-    names = dict(model.named_modules())
+                       f"cannot give; use a state-dict bundle or --encoder package.module:factory --weights state.pt")
+    names = dict(module.named_modules())
     if args.target_layer not in names:
         some = ", ".join(n for n in list(names)[1:12])
         raise CLIError(f"--target-layer {args.target_layer!r} is not a layer of the encoder (layers: {some}, ...)")
@@ -425,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: give each process a share of the scans (files, the default for several "
                         "scans) or of every scan's slicing directions (directions, the default for one scan)")
     h.add_argument("--encoder", required=True, metavar="MODEL",
-                   help="a TorchScript file (torch.jit.script(model).save('model.pt')), or "
+                   help="an encoder bundle (tonno_fast.save_encoder: weights plus the slice size, pixel spacing "
+                        "and normalisation it was trained with, used unless --slice-size/--pixel-spacing say "
+                        "otherwise), a TorchScript file (torch.jit.script(model).save('model.pt')), or "
                         "package.module:factory, a function that builds the nn.Module (use with --weights)")
     h.add_argument("--weights", metavar="STATE", help="state-dict file (torch.save(model.state_dict(), ...)) "
                    "loaded into the module built by package.module:factory")
@@ -436,16 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--target-layer", metavar="NAME", help="layer whose activations make the CAMs, as named by "
                    "model.named_modules() (e.g. features.3 or layer4)")
     h.add_argument("--cam", choices=("gradcam", "layercam"),
-                   help="2D CAM used by the CAM methods (default: gradcam for averaged-cam, layercam for "
-                        "tomographic-cam)")
+                   help="2D CAM used by the CAM methods (default: gradcam)")
     h.add_argument("--class-index", type=int, metavar="K", help="which output of a multi-output encoder to map")
     h.add_argument("--directions", type=int, default=64, metavar="N",
                    help="number of slicing orientations (default 64; more is sharper and slower)")
     h.add_argument("--slice-size", type=int, metavar="PX",
-                   help="slice size in pixels, the encoder's input size (default: covers the whole scan at its "
-                        "finest voxel spacing)")
+                   help="slice size in pixels, the encoder's input size (default: a bundle's training size, else "
+                        "covers the whole scan at its finest voxel spacing)")
     h.add_argument("--pixel-spacing", type=float, metavar="MM", help="in-plane pixel spacing of the slices in mm "
-                   "(default: the scan's finest spacing, or what makes --slice-size cover the scan)")
+                   "(default: a bundle's training pixel spacing, else the scan's finest spacing, or what makes "
+                   "--slice-size cover the scan)")
     h.add_argument("--filter", default="ramp2", choices=("ramp2", "laplacian", "ramp", "none"),
                    help="reconstruction filter for tonno (default ramp2, the exact 3D inverse)")
     h.add_argument("--window", choices=("shepp-logan", "cosine", "hamming", "hann"),

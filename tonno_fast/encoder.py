@@ -12,7 +12,8 @@
   (same direction, offsets ``k ± step``), sliced from the geometry itself, so they are exact planes of the
   volume, also at the ends of the stack (beyond the bounding sphere they read the fill value);
 * channel replication (``1 → 3`` for ImageNet encoders) and optional per-channel ``mean``/``std``;
-* the input size: ``input_size`` becomes the geometry's ``slice_size`` (``δ`` follows), never a resize;
+* the input size: ``input_size`` becomes the geometry's ``slice_size`` (``δ`` follows), never a resize, and
+  ``pixel_spacing`` (the δ the model was trained at, e.g. from an encoder bundle) the default ``δ``;
 * batching, device placement (slices are made on the volume's device and each batch is moved to the
   model's device; scores and CAMs come back to the volume's device), ``torch.autocast`` (bf16/fp16) with
   scores and CAMs accumulated in float32;
@@ -94,6 +95,9 @@ class Encoder:
             ``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``.
         input_size: ``int`` or ``(h, w)``: the slice size the model expects; used as the geometry's
             ``slice_size`` so the slicing itself delivers it (pixel spacing ``δ`` follows).
+        pixel_spacing: in-plane pixel spacing δ (mm) the model was trained at: the pipelines' default δ
+            (a ``pixel_spacing=`` or ``geometry=`` given to a pipeline wins). With ``input_size`` it fixes the
+            field of view, as :func:`tonno_fast.load_encoder` sets it from a bundle.
         batch_size: slices per model call (default: the pipeline's ``batch_size``).
         device: where the model runs (default: the device of its first parameter, else the volume's).
         autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: run the model under ``torch.autocast``;
@@ -106,7 +110,8 @@ class Encoder:
     def __init__(self, model, *, output: Output = None, in_channels: Union[str, int, None] = "auto",
                  context: int = 0, context_step: int = 1, window: Optional[Tuple[float, float]] = None,
                  zscore: bool = False, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, input_size=None, batch_size: Optional[int] = None,
+                 std: Optional[Sequence[float]] = None, input_size=None, pixel_spacing: Optional[float] = None,
+                 batch_size: Optional[int] = None,
                  device=None, autocast: Optional[torch.dtype] = None,
                  slice_dtype: Optional[torch.dtype] = None, eval_mode: bool = True):
         if isinstance(model, Encoder):
@@ -148,6 +153,15 @@ class Encoder:
         if self.std is not None and not bool((self.std > 0).all()):
             raise ValueError(f"std must be positive, got {self.std.tolist()}")
         self.input_size = _pair(input_size, "input_size")
+        if pixel_spacing is not None:
+            try:
+                pixel_spacing = float(pixel_spacing)
+            except (TypeError, ValueError):
+                raise TypeError(f"pixel_spacing must be a number of mm, got {pixel_spacing!r}") from None
+            if not (pixel_spacing > 0 and math.isfinite(pixel_spacing)):
+                raise ValueError(f"pixel_spacing must be a positive number of mm, got {pixel_spacing!r}")
+        self.pixel_spacing = pixel_spacing
+        self.bundle = None  # what tonno_fast.load_encoder read (geometry, normalisation, metadata)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
@@ -163,7 +177,7 @@ class Encoder:
     def __repr__(self) -> str:
         return (f"Encoder({type(self.model).__name__}, output={self.output!r}, in_channels={self.in_channels}, "
                 f"context={self.context}, window={self.window}, zscore={self.zscore}, "
-                f"input_size={self.input_size}, autocast={self.autocast})")
+                f"input_size={self.input_size}, pixel_spacing={self.pixel_spacing}, autocast={self.autocast})")
 
     def with_output(self, output: Output, name: str = "output") -> "Encoder":
         """A copy of this encoder (same model, same adaptation) selecting ``output`` instead."""

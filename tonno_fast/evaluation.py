@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["dice", "iou", "threshold_sweep", "otsu_threshold", "quantile_threshold", "evaluate_heatmap",
-           "evaluate_heatmaps"]
+           "evaluate_heatmaps", "roc_auc"]
 
 
 def _np(x, name: str) -> np.ndarray:
@@ -173,3 +173,26 @@ def evaluate_heatmaps(heatmaps: Sequence, masks: Sequence, *, body_masks: Option
         mean[rule] = {k: float(np.mean([r[rule][k] for r in per])) for k in ("dice", "iou")}
         std[rule] = {k: float(np.std([r[rule][k] for r in per])) for k in ("dice", "iou")}
     return {"per_volume": per, "mean": mean, "std": std}
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U statistic, ties counted
+    half): the probability that a random positive scores above a random negative. ``scores`` and ``labels``
+    are 1-D arrays or tensors of the same length (labels bool or 0/1); both classes must occur."""
+    s = _np(scores, "scores").astype(np.float64).reshape(-1)
+    y = _np(labels, "labels").reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels must have the same length, got {s.size} and {y.size}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc needs both positive and negative labels")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size, dtype=np.float64)
+    sorted_s = s[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

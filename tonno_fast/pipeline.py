@@ -36,10 +36,11 @@ from .geometry import Geometry, make_geometry
 from .memory import check_pipeline, geometry_dims
 from .ops import slice_volume
 from .reconstruction import check_reconstruction, reconstruct
-from .validation import as_volume5d, finite_float
+from .validation import as_volume5d, finite_float, scan_and_spacing
 
-__all__ = ["tomographic_heatmap", "encode_slices", "encode_chunks", "HeatmapResult", "GeometrySlicer",
-           "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size", "resolve_max_memory", "resolve_slice_size"]
+__all__ = ["tomographic_heatmap", "encode_slices", "encode_chunks", "HeatmapResult", "plan_geometry", "resolve_geometry",
+           "GeometrySlicer", "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size", "resolve_max_memory",
+           "resolve_slice_size"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB: a few directions of CAM stacks of a 256³ volume
 DEFAULT_BATCH_SIZE = 256
@@ -256,9 +257,10 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     return torch.cat([sino[n0] for n0 in sorted(sino)], dim=2)
 
 
-def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, directions=None, weights=None,
-                        spacing=None, slice_size=None, slice_spacing=None, pixel_spacing=None,
-                        n_slices: Optional[int] = None, filter: str = "ramp2", window: Optional[str] = None,
+def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int] = None, directions=None,
+                        weights=None, spacing=None, slice_size=None, slice_spacing=None, pixel_spacing=None,
+                        n_slices: Optional[int] = None, geometry: Optional[Geometry] = None,
+                        filter: str = "ramp2", window: Optional[str] = None,
                         batch_size: Optional[int] = None, backend: str = "auto", progress: bool = False,
                         fill: float = 0.0, allow_nonfinite: bool = False, max_memory: Optional[int] = None,
                         timings: Optional[Dict[str, float]] = None, reconstruction: str = "fbp",
@@ -268,20 +270,26 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
 
     Args:
         volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype
-            (int16 CT is converted to float32).
+            (int16 CT is converted to float32), or a scan that carries its spacing (:func:`tonno_fast.load_nifti`).
         encoder: callable ``(M, C, h, w)`` slices → ``(M,)`` or ``(M, K)`` scores (an ``nn.Module``, a function,
             a TorchScript module), or a :class:`tonno_fast.Encoder` carrying input adaptation (window, z-score,
-            context slices, channel replication, ``input_size``, device, autocast, output selection).
+            context slices, channel replication, ``input_size``, ``pixel_spacing``, device, autocast, output
+            selection), e.g. from an encoder bundle (:func:`tonno_fast.load_encoder`).
             Called under ``torch.no_grad()`` in chunks of at most ``batch_size`` slices.
-        n_directions: number of Fibonacci directions on the hemisphere (ignored when ``directions`` given).
+        n_directions: number of Fibonacci directions on the hemisphere (default 64; ignored when ``directions``
+            given).
         directions: ``(N, 3)`` unit vectors (x, y, z), ``(N, 2)`` angles (θ, φ) or ``(N, 3, 3)`` rotations.
         weights: ``(N,)`` quadrature weights (default ``2π/N``).
-        spacing: voxel spacing ``(sz, sy, sx)`` mm (default 1 mm).
+        spacing: voxel spacing ``(sz, sy, sx)`` mm. Required, unless ``volume`` carries it or ``geometry`` is
+            given (there is no default: a wrong spacing silently changes every slice).
         slice_size: ``int`` or ``(h, w)`` pixels of each slice (default: the Encoder's ``input_size``, else
             covers the bounding sphere).
         slice_spacing: Δs mm between slices (default ``min(spacing)``).
-        pixel_spacing: δ mm between pixels (default ``min(spacing)``, or follows ``slice_size``).
+        pixel_spacing: δ mm between pixels (default: the Encoder's ``pixel_spacing``, else ``min(spacing)``,
+            or follows ``slice_size``).
         n_slices: slices per direction (default: covers the bounding sphere).
+        geometry: a complete :class:`~tonno_fast.Geometry` instead of the geometry keywords above (its volume
+            shape and spacing must match the volume).
         filter: ``"ramp2"`` (exact 3D inverse), ``"laplacian"``, ``"ramp"`` or ``"none"``.
         window: ``None``, ``"shepp-logan"``, ``"cosine"``, ``"hamming"`` or ``"hann"`` (FFT filters).
         batch_size: slices per encoder call (default: the Encoder's ``batch_size``, else 256).
@@ -323,20 +331,20 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                          score_transform=score_transform, score_baseline=score_baseline)
     if not isinstance(return_sinogram, bool):
         raise TypeError(f"return_sinogram must be a bool, got {type(return_sinogram).__name__}")
+    volume, spacing = scan_and_spacing(volume, spacing)
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
     enc = as_encoder(encoder)
-    geo = dict(spacing=spacing, slice_size=resolve_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
-               slice_spacing=slice_spacing, n_slices=n_slices)
+    dims, build = plan_geometry(vol.shape[2:], enc, geometry=geometry, spacing=spacing, n_directions=n_directions,
+                                directions=directions, weights=weights, slice_size=slice_size,
+                                pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
     mem = dict(kind="scores", batch_size=resolve_batch_size(batch_size, enc),
                max_memory=resolve_max_memory(max_memory), filter=filter, reconstruction=reconstruction,
                group=process_group)
     with all_or_none(process_group):  # a failure on one rank stops all, none waits in a collective
-        dims = geometry_dims(vol.shape[2:], n_directions=n_directions, directions=directions, **geo)
         check_pipeline("tomographic_heatmap", vol, enc, dims, **mem)
-        geometry = make_geometry(vol.shape[2:], n_directions=n_directions, directions=directions, weights=weights,
-                                 **geo)
+        geometry = build()
         part, share = split_directions(geometry, process_group)
         scores = encode_slices(vol, part, enc, batch_size=batch_size, backend=backend, fill=fill,
                                progress=progress, max_memory=max_memory, timings=timings)
@@ -366,6 +374,56 @@ class HeatmapResult(NamedTuple):
     heatmap: torch.Tensor
     sinogram: torch.Tensor
     geometry: Geometry
+
+
+def plan_geometry(volume_shape, encoder: Encoder, *, geometry: Optional[Geometry] = None, spacing=None,
+                  n_directions: Optional[int] = None, directions=None, weights=None, slice_size=None,
+                  pixel_spacing=None, slice_spacing=None, n_slices=None) -> Tuple[Tuple[int, int, int, int],
+                                                                                  Callable[[], Geometry]]:
+    """The pipelines' geometry, planned before it is built: ``(dims, build)`` where ``dims = (N, S, h, w)``
+    are its sizes (directions, slices per direction, slice pixels), known without building its ``N``-sized
+    tables so that the memory check comes first, and ``build()`` returns it.
+
+    The geometry is ``geometry`` itself (checked against the volume and the encoder), else
+    :func:`~tonno_fast.make_geometry` of the keywords with ``spacing`` (mm, axes z, y, x) required and the
+    Encoder's ``input_size`` / ``pixel_spacing`` as defaults for ``slice_size`` / ``pixel_spacing``."""
+    shape = tuple(int(n) for n in volume_shape)
+    if geometry is not None:
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry must be a tonno_fast.Geometry (see make_geometry), got "
+                            f"{type(geometry).__name__}")
+        given = [k for k, v in (("n_directions", n_directions), ("directions", directions), ("weights", weights),
+                                ("slice_size", slice_size), ("pixel_spacing", pixel_spacing),
+                                ("slice_spacing", slice_spacing), ("n_slices", n_slices)) if v is not None]
+        if given:
+            raise ValueError(f"give geometry= or the geometry keywords, not both (also given: {', '.join(given)})")
+        if tuple(geometry.volume_shape) != shape:
+            raise ValueError(f"geometry was made for volumes of shape {tuple(geometry.volume_shape)}, the volume "
+                             f"has {shape}")
+        if spacing is not None:
+            from .geometry import normalize_spacing
+            sp = normalize_spacing(spacing)
+            if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(sp, geometry.spacing)):
+                raise ValueError(f"spacing={sp} contradicts the geometry's spacing {tuple(geometry.spacing)} (mm)")
+        if encoder.input_size is not None and (geometry.height, geometry.width) != encoder.input_size:
+            raise ValueError(f"geometry slices are {(geometry.height, geometry.width)} pixels but the encoder's "
+                             f"input_size is {encoder.input_size}")
+        return (geometry.n_directions, geometry.n_slices, geometry.height, geometry.width), lambda: geometry
+    if spacing is None:
+        raise ValueError("spacing is required: give the voxel spacing (sz, sy, sx) in mm (e.g. spacing=scan.spacing "
+                         "of tonno_fast.load_nifti), pass the scan itself, or give geometry=")
+    sizes = dict(spacing=spacing, slice_size=resolve_slice_size(slice_size, encoder),
+                 pixel_spacing=encoder.pixel_spacing if pixel_spacing is None else pixel_spacing,
+                 slice_spacing=slice_spacing, n_slices=n_slices)
+    n_directions = 64 if n_directions is None else n_directions
+    dims = geometry_dims(shape, n_directions=n_directions, directions=directions, **sizes)
+    return dims, lambda: make_geometry(shape, n_directions=n_directions, directions=directions, weights=weights,
+                                       **sizes)
+
+
+def resolve_geometry(volume_shape, encoder: Encoder, **kwargs) -> Geometry:
+    """The geometry :func:`plan_geometry` plans (same keywords), built."""
+    return plan_geometry(volume_shape, encoder, **kwargs)[1]()
 
 
 def resolve_slice_size(slice_size, encoder: Encoder):

@@ -1,8 +1,11 @@
-"""Random oblique slices for weakly-supervised training of a 2D encoder (docs/design.md, "The method").
+"""Random oblique slices and bags of slices for weakly-supervised training of a 2D encoder (docs/design.md,
+"The method").
 
 The encoder of ToNNO is trained on slices cut at random orientations through volumes that carry only a
-volume-level label; every slice inherits the label of its volume. :class:`ObliqueSliceSampler` draws such
-batches:
+volume-level label. :class:`ObliqueSliceSampler` draws either single slices, each inheriting the label of its
+volume (:meth:`~ObliqueSliceSampler.sample`), or *bags* (:meth:`~ObliqueSliceSampler.sample_bags`): stacks of
+parallel slices of one volume along one random orientation that cross its body mask, for which the volume
+label is right as a whole (multiple-instance learning, see :mod:`tonno_fast.training`). Slices are drawn with:
 
 * orientation: uniform on the hemisphere (``orientation="hemisphere"``) or uniform inside a cone of
   half-angle ``cone_angle`` around ``axis`` (``orientation="cone"``; e.g. near-axial slices);
@@ -15,7 +18,9 @@ batches:
 
 Every batch is cut by the fused :func:`tonno_fast.ops.slice_volume` op, one call per volume drawn in the
 batch (all its slices are the directions of one :class:`~tonno_fast.geometry.ShiftedGeometry` with one slice
-each), on the volumes' device: no per-slice Python and no sampling grid in memory, so a GPU stays fed.
+each) or one call per bag (one direction, the bag's slices), on the volumes' device: no per-slice Python and
+no sampling grid in memory, so a GPU stays fed. ``spacing`` is required (or read from scans that carry it):
+offsets, pixel sizes and bag spacings are all in mm.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import ops
-from .geometry import (Geometry, bounding_radius, frames_from_directions, normalize_spacing,
+from .geometry import (Geometry, bounding_radius, fibonacci_directions, frames_from_directions, normalize_spacing,
                        rotate_frames_in_plane, shift_offsets)
 
-__all__ = ["ObliqueSliceSampler", "SliceBatch", "sample_directions"]
+__all__ = ["ObliqueSliceSampler", "SliceBatch", "BagBatch", "sample_directions"]
 
 
 @dataclass
@@ -53,6 +59,40 @@ class SliceBatch:
     normals: torch.Tensor
     offsets: torch.Tensor
     aux: Optional[torch.Tensor] = None
+
+
+@dataclass
+class BagBatch:
+    """``n_bags`` bags of parallel slices, ``M`` slices in all, grouped by bag (bag 0's slices first).
+
+    Attributes:
+        slices: ``(M, C, h, w)`` encoder input; the slices of a bag are in order along its normal.
+        labels: ``(n_bags,)`` or ``(n_bags, K)`` float32: the label of each bag's volume.
+        bag_index: ``(M,)`` int64: the bag of each slice (non-decreasing).
+        sizes: ``(n_bags,)`` int64 number of slices of each bag.
+        volume_index: ``(n_bags,)`` int64 index of each bag's volume in the sampler's list.
+        normals: ``(n_bags, 3)`` float64 unit normal (x, y, z) of each bag.
+        offsets: ``(M,)`` float64 offset (mm) of each slice's plane from the volume centre along its normal.
+        aux: ``(M, Ca, h, w)`` slices of the auxiliary volumes, or ``None``.
+    """
+
+    slices: torch.Tensor
+    labels: torch.Tensor
+    bag_index: torch.Tensor
+    sizes: torch.Tensor
+    volume_index: torch.Tensor
+    normals: torch.Tensor
+    offsets: torch.Tensor
+    aux: Optional[torch.Tensor] = None
+
+    @property
+    def n_bags(self) -> int:
+        return int(self.sizes.numel())
+
+    @property
+    def slice_labels(self) -> torch.Tensor:
+        """``(M,)`` or ``(M, K)``: each slice's volume label (what per-slice training uses)."""
+        return self.labels[self.bag_index.to(self.labels.device)]
 
 
 def sample_directions(n: int, *, orientation: str = "hemisphere", axis=(0.0, 0.0, 1.0),
@@ -89,18 +129,55 @@ def sample_directions(n: int, *, orientation: str = "hemisphere", axis=(0.0, 0.0
     return torch.where(vec[:, 2:3] < 0, -vec, vec)
 
 
-def _as_volume4d(v, i: int) -> torch.Tensor:
+def _as_volume4d(v, name: str, *, mask: bool = False) -> torch.Tensor:
+    """``(D, H, W)`` or ``(C, D, H, W)`` tensor/array → ``(C, D, H, W)`` tensor. ``mask=True`` (aux volumes such
+    as lesion masks) accepts bool and turns it into 0/1 float32."""
     if isinstance(v, np.ndarray):
         v = torch.from_numpy(np.ascontiguousarray(v))
     if not isinstance(v, torch.Tensor):
-        raise TypeError(f"volumes[{i}] must be a tensor or numpy array, got {type(v).__name__}")
+        raise TypeError(f"{name} must be a tensor or numpy array, got {type(v).__name__}")
     if v.ndim == 3:
         v = v[None]
     if v.ndim != 4:
-        raise ValueError(f"volumes[{i}] must be (D, H, W) or (C, D, H, W), got shape {tuple(v.shape)}")
+        raise ValueError(f"{name} must be (D, H, W) or (C, D, H, W), got shape {tuple(v.shape)}")
+    if v.dtype == torch.bool and mask:
+        v = v.float()
     if v.dtype == torch.bool or v.is_complex():
-        raise TypeError(f"volumes[{i}] must be real-valued, got {v.dtype}")
+        raise TypeError(f"{name} must be real-valued, got {v.dtype}")
     return v
+
+
+def _volume_and_spacing(v):
+    """A scan object with ``.data`` and ``.spacing`` (e.g. from :func:`tonno_fast.load_nifti`) → its data and
+    spacing; anything else → ``(v, None)``."""
+    if hasattr(v, "data") and hasattr(v, "spacing") and not isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.data, v.spacing
+    return v, None
+
+
+def _to_mm(idx: torch.Tensor, shape, spacing) -> torch.Tensor:
+    """Continuous voxel indices ``(P, 3)`` (d, h, w) → positions ``(P, 3)`` float64 mm (x, y, z), origin at the
+    volume centre (the library's convention)."""
+    centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
+    return ((idx.double() - centre) * torch.tensor(spacing, dtype=torch.float64)).flip(1)
+
+
+def _box_corners(shape, spacing) -> torch.Tensor:
+    """The 8 corners (mm, (x, y, z)) of the volume's box (outer voxel faces)."""
+    lo_hi = [(-0.5, n - 0.5) for n in shape]
+    corners = torch.tensor([[a, b, c] for a in lo_hi[0] for b in lo_hi[1] for c in lo_hi[2]], dtype=torch.float64)
+    return _to_mm(corners, shape, spacing)
+
+
+def _boundary_mm(mask: torch.Tensor, spacing) -> torch.Tensor:
+    """Centres (mm) of the voxels of ``mask`` with a 6-neighbour outside it. A plane's extreme offsets over
+    the mask are reached at such voxels, so they bound the mask's extent along any normal with a fraction of
+    the points (about a fifth of a brain's)."""
+    m = mask[None, None].float()
+    outside = F.max_pool3d(F.pad(1 - m, (1, 1, 1, 1, 1, 1), value=1.0), kernel_size=3, stride=1, padding=0)
+    # max_pool3d of a 3x3x3 box also sees diagonal neighbours: a superset of the 6-neighbour boundary, fine.
+    idx = torch.nonzero((m * outside)[0, 0] > 0)
+    return _to_mm(idx, tuple(mask.shape), spacing)
 
 
 class ObliqueSliceSampler:
@@ -110,14 +187,16 @@ class ObliqueSliceSampler:
         volumes: sequence of ``(D, H, W)`` or ``(C, D, H, W)`` tensors/arrays (z, y, x; shapes may differ,
             channel counts may not), or one ``(V, C, D, H, W)`` tensor.
         labels: ``(V,)`` or ``(V, K)`` volume-level labels (e.g. 0/1).
-        spacing: voxel spacing ``(sz, sy, sx)`` mm for all volumes, or a list of one per volume.
+        spacing: voxel spacing ``(sz, sy, sx)`` mm for all volumes, or a list of one per volume. Required
+            unless ``volumes`` are scans that carry it (:func:`tonno_fast.load_nifti` results).
         slice_size: ``int`` or ``(h, w)``: the encoder's input size.
         pixel_spacing: in-plane pixel spacing δ (mm). Default: the slice spans each volume's bounding sphere
             (as in :func:`~tonno_fast.geometry.make_geometry`), which depends on the volume's shape.
         body_masks: optional ``(D, H, W)`` boolean masks, one per volume (``None`` entries allowed): planes
             pass through a random point of the mask instead of the whole box.
-        aux: optional ``(Ca, D, H, W)`` volumes cut with the same planes and returned in ``SliceBatch.aux``
-            (e.g. lesion masks, to measure how many slices cross a lesion; never shown to the encoder).
+        aux: optional ``(Ca, D, H, W)`` or ``(D, H, W)`` volumes (bool masks become 0/1) cut with the same
+            planes and returned in ``SliceBatch.aux`` (e.g. lesion masks, to measure how many slices cross a
+            lesion; never shown to the encoder).
         orientation, axis, cone_angle: see :func:`sample_directions` (radians).
         in_plane_rotation: largest in-plane rotation (radians, in ``[0, π]``); ``True`` = ``π``, ``False`` = none.
         volumes_per_batch: draw each batch from this many random volumes (``None``: every slice picks its
@@ -136,9 +215,17 @@ class ObliqueSliceSampler:
                  device=None, backend: str = "auto", seed: Optional[int] = None):
         if isinstance(volumes, torch.Tensor) and volumes.ndim == 5:
             volumes = list(volumes.unbind(0))
-        vols = [_as_volume4d(v, i) for i, v in enumerate(volumes)]
+        pairs = [_volume_and_spacing(v) for v in volumes]
+        vols = [_as_volume4d(v, f"volumes[{i}]") for i, (v, _) in enumerate(pairs)]
         if not vols:
             raise ValueError("volumes must not be empty")
+        if spacing is None:
+            # No silent 1 mm: every geometric quantity (offsets, pixel size, bag spacing) is in mm.
+            if any(sp is None for _, sp in pairs):
+                raise ValueError("spacing is required: give the voxel spacing (sz, sy, sx) in mm (one for all "
+                                 "volumes, or a list of one per volume), or pass scans that carry it "
+                                 "(tonno_fast.load_nifti results)")
+            spacing = [sp for _, sp in pairs]
         channels = {v.shape[0] for v in vols}
         if len(channels) != 1:
             raise ValueError(f"all volumes must have the same number of channels, got {sorted(channels)}")
@@ -158,7 +245,7 @@ class ObliqueSliceSampler:
         if aux is not None:
             if len(aux) != V:
                 raise ValueError(f"aux must have one volume per volume: got {len(aux)} for {V}")
-            auxs = [_as_volume4d(a, i) for i, a in enumerate(aux)]
+            auxs = [_as_volume4d(a, f"aux[{i}]", mask=True) for i, a in enumerate(aux)]
             for i, (v, a) in enumerate(zip(vols, auxs)):
                 if a.shape[1:] != v.shape[1:]:
                     raise ValueError(f"aux[{i}] has spatial shape {tuple(a.shape[1:])}, volume {i} has "
@@ -173,10 +260,14 @@ class ObliqueSliceSampler:
         self.volumes: List[torch.Tensor] = [v.to(device=self.device, dtype=dtype)[None].contiguous() for v in vols]
         self.labels = lab
         self.points: List[torch.Tensor] = []  # candidate voxel indices (P, 3) (d, h, w), CPU int64
+        self._outline: List[torch.Tensor] = []  # (Q, 3) mm (x, y, z) of the mask's boundary voxels / box corners
+        if body_masks is not None and len(body_masks) != V:
+            raise ValueError(f"body_masks must have one mask (or None) per volume: got {len(body_masks)} for {V}")
         for i, v in enumerate(vols):
             m = None if body_masks is None else body_masks[i]
             if m is None:
                 self.points.append(None)
+                self._outline.append(_box_corners(tuple(v.shape[1:]), self.spacings[i]))
                 continue
             m = torch.as_tensor(np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m)).bool()
             if tuple(m.shape) != tuple(v.shape[1:]):
@@ -185,6 +276,7 @@ class ObliqueSliceSampler:
             if idx.shape[0] == 0:
                 raise ValueError(f"body_masks[{i}] is empty: no voxel to put a slice through")
             self.points.append(idx)
+            self._outline.append(_boundary_mm(m, self.spacings[i]))
         if isinstance(slice_size, (int, np.integer)):
             slice_size = (int(slice_size), int(slice_size))
         try:
@@ -197,7 +289,8 @@ class ObliqueSliceSampler:
             raise ValueError(f"pixel_spacing must be a positive number of mm, got {pixel_spacing!r}")
         self.pixel_spacing = pixel_spacing
         self.orientation, self.axis, self.cone_angle = orientation, axis, cone_angle
-        sample_directions(1, orientation=orientation, axis=axis, cone_angle=cone_angle)  # validate now
+        # Validate now, on a throwaway generator: building a sampler must not move torch's global random stream.
+        sample_directions(1, orientation=orientation, axis=axis, cone_angle=cone_angle, generator=torch.Generator())
         if isinstance(in_plane_rotation, bool):  # True: any angle; False: none
             in_plane_rotation = math.pi if in_plane_rotation else 0.0
         self.in_plane_rotation = float(in_plane_rotation)
@@ -243,13 +336,11 @@ class ObliqueSliceSampler:
             pts = self.points[i]
             pick = torch.randint(0, pts.shape[0], (m,), generator=g)
             idx = pts[pick].double() + torch.rand(m, 3, generator=g, dtype=torch.float64) - 0.5
-        centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
-        sz, sy, sx = self.spacings[i]
-        zyx = (idx - centre) * torch.tensor([sz, sy, sx], dtype=torch.float64)
-        return zyx.flip(1)  # (x, y, z)
+        return _to_mm(idx, shape, self.spacings[i])
 
-    def _geometry(self, i: int, frames: torch.Tensor) -> Geometry:
-        """One slice (S = 1) per frame through the centre of volume ``i``, at the encoder's input size.
+    def _geometry(self, i: int, frames: torch.Tensor, n_slices: int = 1, slice_spacing: Optional[float] = None
+                  ) -> Geometry:
+        """``n_slices`` parallel slices per frame, centred on volume ``i``'s centre, at the encoder's input size.
 
         Built directly rather than through ``make_geometry``: the frames are rotations by construction, and
         re-checking ``det`` of every frame costs more than cutting the slices at training batch sizes."""
@@ -261,7 +352,19 @@ class ObliqueSliceSampler:
         else:
             delta = float(self.pixel_spacing)
         weights = torch.full((frames.shape[0],), 2 * math.pi / frames.shape[0], dtype=torch.float64)
-        return Geometry(shape, sp, frames.contiguous(), weights, 1, h, w, delta, min(sp))
+        ds = min(sp) if slice_spacing is None else float(slice_spacing)
+        return Geometry(shape, sp, frames.contiguous(), weights, int(n_slices), h, w, delta, ds)
+
+    def _random_frames(self, n: int):
+        """``n`` random normals ``(n, 3)`` and their frames ``(n, 3, 3)`` with a random in-plane rotation."""
+        g = self.generator
+        normals = sample_directions(n, orientation=self.orientation, axis=self.axis, cone_angle=self.cone_angle,
+                                    generator=g)
+        frames = frames_from_directions(normals)
+        if self.in_plane_rotation != 0.0:
+            angles = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * self.in_plane_rotation
+            frames = rotate_frames_in_plane(frames, angles)
+        return normals, frames
 
     def sample(self, batch_size: int) -> SliceBatch:
         """One batch of ``batch_size`` random slices (see the class docstring)."""
@@ -271,12 +374,7 @@ class ObliqueSliceSampler:
         vidx = self._draw_volumes(int(batch_size))
         order = torch.argsort(vidx, stable=True)
         vidx = vidx[order]
-        normals = sample_directions(int(batch_size), orientation=self.orientation, axis=self.axis,
-                                    cone_angle=self.cone_angle, generator=g)
-        frames = frames_from_directions(normals)
-        if self.in_plane_rotation != 0.0:
-            angles = (torch.rand(int(batch_size), generator=g, dtype=torch.float64) * 2 - 1) * self.in_plane_rotation
-            frames = rotate_frames_in_plane(frames, angles)
+        normals, frames = self._random_frames(int(batch_size))
         offsets = torch.empty(int(batch_size), dtype=torch.float64)
         parts = []
         ids, counts = torch.unique_consecutive(vidx, return_counts=True)
@@ -295,6 +393,104 @@ class ObliqueSliceSampler:
         labels = self.labels[vidx].to(self.device)
         return SliceBatch(slices=cut[:, :C], labels=labels, volume_index=vidx, normals=normals, offsets=offsets,
                           aux=cut[:, C:] if self.n_aux else None)
+
+    def _draw_bag_volumes(self, n_bags: int) -> torch.Tensor:
+        """Volumes of ``n_bags`` bags. With ``balance``, each label value gets an equal share of the bags of
+        every batch (the remainder goes to random values), not only in expectation: a step of few bags
+        should not be all one label."""
+        g = self.generator
+        if not self.balance:
+            return torch.multinomial(self._volume_probabilities(), n_bags, replacement=True, generator=g)
+        values, inverse = torch.unique(self.labels, return_inverse=True)
+        k = values.numel()
+        per_value = torch.full((k,), n_bags // k, dtype=torch.int64)
+        per_value[torch.randperm(k, generator=g)[:n_bags % k]] += 1
+        out = []
+        for j in range(k):
+            members = torch.nonzero(inverse == j)[:, 0]
+            pick = torch.randint(0, members.numel(), (int(per_value[j]),), generator=g)
+            out.append(members[pick])
+        vidx = torch.cat(out)
+        return vidx[torch.randperm(n_bags, generator=g)]
+
+    def body_extent(self, i: int, normal: torch.Tensor) -> tuple:
+        """``(lo, hi)`` mm: the offsets along unit ``normal`` (x, y, z) between which a plane crosses volume
+        ``i``'s body mask (its box without one), including each voxel's half-width along the normal."""
+        t = self._outline[i] @ normal.double()
+        sz, sy, sx = self.spacings[i]
+        half = 0.0 if self.points[i] is None else 0.5 * float(abs(normal[0]) * sx + abs(normal[1]) * sy
+                                                               + abs(normal[2]) * sz)
+        return float(t.min()) - half, float(t.max()) + half
+
+    def sample_bags(self, n_bags: int, *, bag_size: Optional[int] = None,
+                    slice_spacing: Optional[float] = None) -> "BagBatch":
+        """``n_bags`` bags for multiple-instance training: each bag is a stack of parallel slices of one volume
+        along one random orientation (same distribution as :meth:`sample`, same in-plane rotation for the
+        whole stack), ``slice_spacing`` mm apart (default: ``pixel_spacing``, else the finest voxel spacing),
+        at a random phase, covering every plane that crosses the body mask (the volume's box without one).
+
+        The volume label is right for the bag as a whole: a positive volume has a lesion in some slice of every
+        orientation, as long as the lesion is thicker than ``slice_spacing`` along the normal. With
+        ``bag_size=k`` a bag is a random run of ``k`` consecutive slices of that stack (all of them when fewer
+        cross the body); such a run may miss the lesion, so its positive label can be wrong.
+
+        One fused ``slice_volume`` call per bag. Returns a :class:`BagBatch` whose slices are grouped by bag.
+        """
+        if not isinstance(n_bags, (int, np.integer)) or isinstance(n_bags, bool) or n_bags < 1:
+            raise ValueError(f"n_bags must be a positive integer, got {n_bags!r}")
+        if bag_size is not None and (not isinstance(bag_size, (int, np.integer)) or isinstance(bag_size, bool)
+                                     or bag_size < 1):
+            raise ValueError(f"bag_size must be None (every slice crossing the body) or a positive integer, "
+                             f"got {bag_size!r}")
+        if slice_spacing is None:
+            slice_spacing = self.pixel_spacing
+        elif not (isinstance(slice_spacing, (int, float, np.integer, np.floating)) and float(slice_spacing) > 0
+                  and math.isfinite(float(slice_spacing))):
+            raise ValueError(f"slice_spacing must be a positive number of mm, got {slice_spacing!r}")
+        g = self.generator
+        vidx = self._draw_bag_volumes(int(n_bags))
+        normals, frames = self._random_frames(int(n_bags))
+        parts, offsets, sizes = [], [], []
+        for b, i in enumerate(vidx.tolist()):
+            ds = float(slice_spacing) if slice_spacing is not None else min(self.spacings[i])
+            lo, hi = self.body_extent(i, normals[b])
+            phase = float(torch.rand((), generator=g, dtype=torch.float64)) * ds
+            k_all = max(1, int(math.floor((hi - lo - phase) / ds)) + 1)
+            first = 0
+            if bag_size is not None and k_all > bag_size:
+                first = int(torch.randint(0, k_all - bag_size + 1, (), generator=g))
+                k_all = int(bag_size)
+            s0 = lo + phase + first * ds
+            geom = shift_offsets(self._geometry(i, frames[b:b + 1], k_all, ds), [s0 + (k_all - 1) / 2 * ds])
+            parts.append(ops.slice_volume(self.volumes[i], geom, fill=self.fill, out_dtype=self.out_dtype,
+                                          backend=self.backend)[0, 0])  # (k, C, h, w)
+            offsets.append(s0 + ds * torch.arange(k_all, dtype=torch.float64))
+            sizes.append(k_all)
+        cut = torch.cat(parts, 0)
+        C = self.n_channels
+        size_t = torch.tensor(sizes, dtype=torch.int64)
+        return BagBatch(slices=cut[:, :C], labels=self.labels[vidx].to(self.device),
+                        bag_index=torch.repeat_interleave(torch.arange(int(n_bags)), size_t),
+                        volume_index=vidx, normals=normals, offsets=torch.cat(offsets), sizes=size_t,
+                        aux=cut[:, C:] if self.n_aux else None)
+
+    def mean_bag_size(self, *, bag_size: Optional[int] = None, slice_spacing: Optional[float] = None,
+                      n_directions: int = 64) -> float:
+        """Average number of slices in a bag of :meth:`sample_bags`, over every volume and ``n_directions``
+        fixed near-uniform directions (deterministic; the sampler's random stream is not touched)."""
+        dirs = fibonacci_directions(int(n_directions))
+        total = 0.0
+        for i in range(len(self.volumes)):
+            ds = float(slice_spacing or self.pixel_spacing or min(self.spacings[i]))
+            for n in dirs:
+                lo, hi = self.body_extent(i, n)
+                k = (hi - lo) / ds  # expected count over the random phase
+                total += max(1.0, k) if bag_size is None else min(float(bag_size), max(1.0, k))
+        return total / (len(self.volumes) * dirs.shape[0])
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampler's random stream from ``seed`` (what ``train_encoder(seed=...)`` does)."""
+        self.generator.manual_seed(int(seed))
 
     def batches(self, batch_size: int, n_batches: Optional[int] = None) -> Iterator[SliceBatch]:
         """Yield ``n_batches`` batches (forever when ``None``)."""

@@ -1,22 +1,46 @@
-"""A small training helper for the weak-supervision step: binary cross-entropy on random slices.
+"""Training helper for the weak-supervision step: per-slice BCE or multiple-instance (bag) BCE on random slices.
 
-Not a framework: one function that runs an optimiser on batches from an
-:class:`~tonno_fast.sampler.ObliqueSliceSampler` and one that measures slice-level accuracy and AUC. Every
-slice carries its volume's label, so the loss is BCE between the encoder's logit for the slice and that
-label (docs/design.md, "The method"). Bring any ``torch.optim`` optimiser (default: Adam).
+Not a framework: :func:`train_encoder` is one loop that takes a sampler and runs optimiser steps, and
+:func:`evaluate_encoder` measures slice-level accuracy and AUC. Two objectives:
+
+* ``objective="slice"``: every slice carries its volume's label; BCE between the encoder's logit for the
+  slice and that label. Simple, but most slices of a volume with a small lesion do not show it, so most
+  "positive" labels are wrong (about 80 % for lesions of a few mm).
+* ``objective="bag"`` (multiple-instance learning): a *bag* is the stack of parallel slices of one volume
+  along one random orientation that cross the body (:meth:`ObliqueSliceSampler.sample_bags`). The volume
+  label is right for the bag as a whole ("some slice shows a lesion" or "none does"), in every orientation.
+  The slice logits ``z_i`` of a bag are pooled into one bag logit (:func:`pool_bags`: log-sum-exp
+  ``(1/r) log mean exp(r z_i)``, max, or mean) and BCE compares it with the volume label; optionally plus
+  ``slice_weight`` times the per-slice BCE. The encoder stays a slice scorer: what ToNNO needs.
+
+Runs are reproducible with ``seed=`` (sampler stream, initialisation through an encoder factory, dropout
+and augmentation), validated every ``validate_every`` steps on a fixed set drawn once from a held-out sampler,
+keep the best weights and can stop early. The loop warns (``logging`` and the returned history) when the
+loss sits at chance, ``ln 2``, or the validation AUC at 0.5: the encoder has not learnt anything yet.
+See ``docs/training.md`` for measurements behind the defaults.
 """
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampler import ObliqueSliceSampler
+from .evaluation import roc_auc
+from .sampler import BagBatch, ObliqueSliceSampler
 
-__all__ = ["train_encoder", "evaluate_encoder", "roc_auc"]
+__all__ = ["train_encoder", "evaluate_encoder", "pool_bags", "TrainingHistory", "OBJECTIVES", "POOLINGS"]
+
+log = logging.getLogger("tonno_fast.training")
+
+OBJECTIVES = ("slice", "bag")
+POOLINGS = ("lse", "max", "mean")
+LN2 = math.log(2.0)
 
 
 def _logits(encoder: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -29,53 +53,288 @@ def _logits(encoder: Callable, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train_encoder(encoder: torch.nn.Module, sampler: ObliqueSliceSampler, *, steps: Optional[int] = None,
-                  seconds: Optional[float] = None, batch_size: int = 64,
-                  optimizer: Optional[torch.optim.Optimizer] = None, lr: float = 1e-3,
-                  scheduler=None, pos_weight: Optional[float] = None,
-                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                  progress: bool = False, log_every: int = 25) -> List[Dict[str, float]]:
-    """Train ``encoder`` with BCE on random slices labelled by their volume (weak supervision).
+def pool_bags(logits: torch.Tensor, sizes, pooling: str = "lse", r: float = 5.0) -> torch.Tensor:
+    """Pool slice logits ``(M,)`` of consecutive bags of ``sizes`` ``(n_bags,)`` slices into bag logits
+    ``(n_bags,)`` (differentiable).
+
+    ``"lse"``: ``(1/r) log mean_i exp(r z_i)``: the maximum as ``r → ∞``, the mean as ``r → 0``; unlike the
+    maximum, every slice gets a gradient (a softmax share). ``"max"``: the largest logit. ``"mean"``: the
+    average logit (every slice equally responsible: the per-slice objective's view of a bag).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    sizes = [int(n) for n in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+    if sum(sizes) != logits.shape[0] or min(sizes, default=1) < 1:
+        raise ValueError(f"sizes must be positive and add up to the {logits.shape[0]} logits, got {sizes}")
+    if pooling == "lse" and not (float(r) > 0 and math.isfinite(float(r))):
+        raise ValueError(f"r must be a positive number for pooling='lse', got {r!r}")
+    out = []
+    for z in torch.split(logits, sizes):
+        if pooling == "lse":
+            out.append((torch.logsumexp(r * z, 0) - math.log(z.shape[0])) / r)
+        elif pooling == "max":
+            out.append(z.max())
+        else:
+            out.append(z.mean())
+    return torch.stack(out)
+
+
+class TrainingHistory(list):
+    """What :func:`train_encoder` returns: a list of ``{"step", "loss", "seconds"}`` records (running mean of
+    the last ``log_every`` losses), plus:
+
+    Attributes:
+        encoder: the trained ``nn.Module`` (the one passed in, or the one the factory built), in eval mode,
+            holding the best validated weights when ``keep_best``.
+        validation: ``[{"step", "loss", "auc", "bag_auc", ...}]`` one record per validation (``loss``: bag BCE;
+            ``auc``: slice logits against volume labels; ``bag_auc``: pooled bag logits;
+            ``lesion_auc``: lesion-crossing slices against slices of negative volumes, when the validation
+            sampler has ``aux`` lesion masks — for reporting; never used to choose weights).
+        warnings: ``[{"step", "message"}]``: chance-level loss or validation AUC (also logged).
+        best: ``{"step", <monitor>: value}`` of the weights kept, or ``None`` without validation.
+        stopped_early: whether patience ended the run.
+        steps, seconds: optimiser steps taken and wall time of the loop.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = None
+        self.validation: List[Dict[str, float]] = []
+        self.warnings: List[Dict[str, object]] = []
+        self.best: Optional[Dict[str, float]] = None
+        self.stopped_early = False
+        self.steps = 0
+        self.seconds = 0.0
+
+    def warn(self, step: int, message: str) -> None:
+        self.warnings.append({"step": int(step), "message": message})
+        log.warning("step %d: %s", step, message)
+
+
+def _check_positive_int(x, name: str, allow_none: bool = False):
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {x!r}")
+    return int(x)
+
+
+class _Validator:
+    """A fixed validation set of bags drawn once from a held-out sampler, scored every ``validate_every`` steps:
+    slice AUC (every slice against its volume label), bag AUC (pooled bag logits) and, with ``aux`` lesion masks,
+    the lesion-crossing AUC. Bags for both objectives, so their curves are measured on the same kind of set. The
+    sampler's random stream is restored afterwards: repeated trainings with one validation sampler see the
+    same set."""
+
+    def __init__(self, sampler: ObliqueSliceSampler, n_bags: int, bag_size, bag_spacing, pooling: str, r: float,
+                 batch_size: int):
+        state = sampler.generator.get_state()
+        try:
+            b = sampler.sample_bags(n_bags, bag_size=bag_size, slice_spacing=bag_spacing)
+        finally:
+            sampler.generator.set_state(state)
+        self.slices, self.sizes = b.slices, b.sizes
+        self.bag_labels, self.labels = b.labels.reshape(-1).cpu(), b.slice_labels.reshape(-1).cpu()
+        self.crosses = None if b.aux is None else (b.aux.float().flatten(1).amax(1) > 0.5).cpu()
+        self.pooling, self.r, self.batch_size = pooling, r, batch_size
+
+    @torch.no_grad()
+    def __call__(self, encoder) -> Dict[str, float]:
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            z = torch.cat([_logits(encoder, self.slices[i:i + self.batch_size]).float().cpu()
+                           for i in range(0, self.slices.shape[0], self.batch_size)])
+        finally:
+            encoder.train(was_training)
+        y = self.labels > 0.5
+        zb = pool_bags(z, self.sizes, self.pooling, self.r)
+        out = {"loss": float(F.binary_cross_entropy_with_logits(zb, self.bag_labels)), "auc": _safe_auc(z, y),
+               "bag_auc": _safe_auc(zb, self.bag_labels > 0.5)}
+        if self.crosses is not None and bool((self.crosses & y).any()):
+            keep = self.crosses | ~y
+            out["lesion_auc"] = _safe_auc(z[keep], y[keep])
+        return out
+
+
+def _safe_auc(scores, labels) -> float:
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return roc_auc(np.asarray(scores), labels)
+
+
+def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int] = None,
+                  seconds: Optional[float] = None, batch_size: int = 64, objective: str = "slice",
+                  bags_per_step: Optional[int] = None, bag_size: Optional[int] = None,
+                  bag_spacing: Optional[float] = None, pooling: str = "lse", pooling_r: float = 5.0,
+                  slice_weight: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None, lr: float = 1e-3,
+                  warmup_steps: int = 0, scheduler=None, pos_weight: Optional[float] = None,
+                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, seed: Optional[int] = None,
+                  validation: Optional[ObliqueSliceSampler] = None, validate_every: int = 100,
+                  validation_size: int = 32, monitor: Optional[str] = None, keep_best: bool = True,
+                  patience: Optional[int] = None, chance_tolerance: float = 0.01, chance_steps: int = 200,
+                  progress: bool = False, log_every: int = 25) -> TrainingHistory:
+    """Train ``encoder`` on random slices labelled only by their volume (weak supervision).
 
     Args:
-        encoder: ``nn.Module`` mapping ``(M, C, h, w)`` slices to ``(M,)`` or ``(M, 1)`` logits.
-        sampler: where batches come from (labels 0/1).
+        encoder: ``nn.Module`` mapping ``(M, C, h, w)`` slices to ``(M,)`` or ``(M, 1)`` logits, or a factory
+            (a callable returning one), which is then built under ``seed`` so the initialisation is part of
+            the run's seed.
+        sampler: where training slices come from (labels 0/1).
         steps: number of optimiser steps; ``seconds``: or a wall-clock budget (whichever ends first; at
             least one of them is required).
-        batch_size: slices per step.
+        batch_size: slices per step. Bag objective: the number of bags per step is chosen so the bags hold
+            about this many slices (``bags_per_step`` overrides it), so both objectives cost the same per step.
+        objective: ``"slice"`` (each slice against its volume label) or ``"bag"`` (pooled bag logit against
+            the volume label; see the module docstring).
+        bags_per_step, bag_size, bag_spacing: bag objective: bags per step (at least 2), slices per bag
+            (``None``: every slice crossing the body; else a random run of that many), and the distance (mm)
+            between a bag's slices (default: the sampler's ``pixel_spacing``, else the finest voxel spacing).
+        pooling, pooling_r: bag pooling (:func:`pool_bags`) and its ``r`` for ``"lse"``.
+        slice_weight: bag objective: add this times the per-slice BCE (every slice against its volume label).
         optimizer: any ``torch.optim`` optimiser over the encoder's parameters (default ``Adam(lr)``).
+        warmup_steps: raise the learning rate linearly from ``lr / warmup_steps`` to ``lr`` over these steps.
         scheduler: optional learning-rate scheduler, stepped after every optimiser step.
-        pos_weight: BCE weight of positive slices (e.g. to counter unbalanced labels).
+        pos_weight: BCE weight of positive slices or bags (e.g. to counter unbalanced labels).
         transform: optional augmentation applied to each batch of slices (a tensor → tensor function).
+        seed: seeds the sampler's stream (:meth:`~ObliqueSliceSampler.reseed`) and torch's global generator
+            for the run (restored afterwards): with the same seed, encoder factory and sampler, two runs on the
+            CPU give bitwise the same weights. ``None``: the sampler's and torch's current state.
+        validation: a sampler over held-out volumes (choose them from the training population, not from the
+            test set). A fixed set of ``validation_size`` bags (``bag_size``, ``bag_spacing`` as in training, for
+            both objectives) is drawn from it once and scored every ``validate_every`` steps and at the end.
+        monitor: which validation number chooses the best weights: ``"auc"`` (slice logits against volume
+            labels; default for the slice objective) or ``"bag_auc"`` (pooled bag logits against volume labels;
+            default for the bag objective). Both use volume labels only.
+        keep_best: put the best validated weights back into the encoder at the end.
+        patience: stop after this many validations without improvement of ``monitor`` (``None``: never).
+        chance_tolerance, chance_steps: warn when the running loss has been within ``chance_tolerance`` of
+            ``ln 2`` for ``chance_steps`` steps, and when a validation AUC is within 0.05 of 0.5.
         progress: show a tqdm progress bar.
         log_every: record the running mean loss every this many steps.
 
     Returns:
-        History: a list of ``{"step", "loss", "seconds"}`` (running mean of the last ``log_every`` losses).
+        A :class:`TrainingHistory`: the list of ``{"step", "loss", "seconds"}`` records, with the validation
+        records, warnings, best step and the trained encoder as attributes.
     """
     if steps is None and seconds is None:
         raise ValueError("give steps (optimiser steps) or seconds (a time budget), or both")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = _check_positive_int(steps, "steps", allow_none=True)
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    log_every = _check_positive_int(log_every, "log_every")
+    validate_every = _check_positive_int(validate_every, "validate_every")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if not (float(slice_weight) >= 0 and math.isfinite(float(slice_weight))):
+        raise ValueError(f"slice_weight must be a non-negative number, got {slice_weight!r}")
+    bags_per_step = _check_positive_int(bags_per_step, "bags_per_step", allow_none=True)
+    monitor = monitor or ("bag_auc" if objective == "bag" else "auc")
+    if monitor not in ("auc", "bag_auc"):
+        raise ValueError(f"monitor must be 'auc' or 'bag_auc', got {monitor!r}")
+    patience = _check_positive_int(patience, "patience", allow_none=True)
+    if patience is not None and validation is None:
+        raise ValueError("patience needs a validation sampler (validation=...)")
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+            sampler.reseed(int(seed))
+        if not isinstance(encoder, torch.nn.Module):
+            if not callable(encoder):
+                raise TypeError(f"encoder must be an nn.Module or a factory returning one, got "
+                                f"{type(encoder).__name__}")
+            encoder = encoder()
+            if not isinstance(encoder, torch.nn.Module):
+                raise TypeError(f"the encoder factory returned {type(encoder).__name__}, expected an nn.Module")
+        if objective == "bag" and bags_per_step is None:
+            bags_per_step = max(2, round(batch_size / sampler.mean_bag_size(bag_size=bag_size,
+                                                                             slice_spacing=bag_spacing)))
+        history = TrainingHistory()
+        history.encoder = encoder
+        validator = None
+        if validation is not None:
+            validator = _Validator(validation, _check_positive_int(validation_size, "validation_size"), bag_size,
+                                   bag_spacing, pooling, float(pooling_r), 256)
+        _train_loop(encoder, sampler, history, validator, steps=steps, seconds=seconds, batch_size=batch_size,
+                    objective=objective, bags_per_step=bags_per_step, bag_size=bag_size, bag_spacing=bag_spacing,
+                    pooling=pooling, r=float(pooling_r), slice_weight=float(slice_weight), optimizer=optimizer,
+                    lr=lr, warmup_steps=warmup_steps, scheduler=scheduler, pos_weight=pos_weight,
+                    transform=transform, validate_every=validate_every, monitor=monitor, keep_best=keep_best,
+                    patience=patience, chance_tolerance=float(chance_tolerance), chance_steps=int(chance_steps),
+                    progress=progress, log_every=log_every)
+    encoder.eval()
+    return history
+
+
+def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[_Validator], *, steps, seconds,
+                batch_size, objective, bags_per_step, bag_size, bag_spacing, pooling, r, slice_weight, optimizer,
+                lr, warmup_steps, scheduler, pos_weight, transform, validate_every, monitor, keep_best, patience,
+                chance_tolerance, chance_steps, progress, log_every) -> None:
+    """The optimisation loop proper: one step = draw a batch, forward, loss, backward, optimiser step."""
     if optimizer is None:
         optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
+    base_lr = [group["lr"] for group in optimizer.param_groups]
     pw = None if pos_weight is None else torch.tensor(float(pos_weight), device=sampler.device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="training encoder", unit="step")
     encoder.train()
-    history: List[Dict[str, float]] = []
     recent: List[float] = []
+    best_value, best_state, since_best = -math.inf, None, 0
+    chance_run, warned_loss, warned_auc = 0, False, False
     t0 = time.perf_counter()
     step = 0
+
+    def validate() -> bool:
+        """Score the validation set; returns True when patience has run out."""
+        nonlocal best_value, best_state, since_best, warned_auc
+        res = validator(encoder)
+        res = {"step": step, **res, "seconds": time.perf_counter() - t0}
+        history.validation.append(res)
+        value = res[monitor]
+        if math.isfinite(value) and abs(value - 0.5) < 0.05 and not warned_auc:
+            history.warn(step, f"validation {monitor} {value:.3f} is at chance (0.5): the encoder does not "
+                               f"separate the volume labels yet")
+            warned_auc = True
+        if math.isfinite(value) and value > best_value:
+            best_value, since_best = value, 0
+            history.best = {"step": step, monitor: value}
+            if keep_best:
+                best_state = copy.deepcopy(encoder.state_dict())
+        else:
+            since_best += 1
+        return patience is not None and since_best >= patience
+
     try:
         while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
-            batch = sampler.sample(batch_size)
+            if step < warmup_steps:
+                for group, base in zip(optimizer.param_groups, base_lr):
+                    group["lr"] = base * (step + 1) / warmup_steps
+            elif step == warmup_steps and warmup_steps:
+                for group, base in zip(optimizer.param_groups, base_lr):
+                    group["lr"] = base
+            if objective == "bag":
+                batch = sampler.sample_bags(bags_per_step, bag_size=bag_size, slice_spacing=bag_spacing)
+            else:
+                batch = sampler.sample(batch_size)
             x = batch.slices if transform is None else transform(batch.slices)
-            y = batch.labels.reshape(-1).to(x.device)
             logits = _logits(encoder, x).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
+            if isinstance(batch, BagBatch):
+                y = batch.labels.reshape(-1).to(logits.device)
+                loss = F.binary_cross_entropy_with_logits(pool_bags(logits, batch.sizes, pooling, r), y,
+                                                          pos_weight=pw)
+                if slice_weight > 0:
+                    loss = loss + slice_weight * F.binary_cross_entropy_with_logits(
+                        logits, batch.slice_labels.reshape(-1).to(logits.device), pos_weight=pw)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, batch.labels.reshape(-1).to(logits.device),
+                                                          pos_weight=pw)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -83,34 +342,32 @@ def train_encoder(encoder: torch.nn.Module, sampler: ObliqueSliceSampler, *, ste
                 scheduler.step()
             step += 1
             recent.append(float(loss.detach()))
+            # Chance level: a balanced binary BCE sits at ln 2 while the encoder predicts nothing.
+            chance_run = chance_run + 1 if abs(np.mean(recent[-log_every:]) - LN2) < chance_tolerance else 0
+            if chance_run >= chance_steps and not warned_loss:
+                history.warn(step, f"the training loss has stayed at ln 2 = {LN2:.3f} (chance) for {chance_run} "
+                                   f"steps: the encoder has not started to learn (see docs/training.md)")
+                warned_loss = True
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(recent[-log_every:]):.3f}")
             if step % log_every == 0:
                 history.append({"step": step, "loss": float(np.mean(recent[-log_every:])),
                                 "seconds": time.perf_counter() - t0})
+            if validator is not None and step % validate_every == 0 and validate():
+                history.stopped_early = True
+                break
     finally:
         if bar is not None:
             bar.close()
-    encoder.eval()
-    return history
-
-
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U, ties counted half)."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("roc_auc needs both positive and negative labels")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    # Average ranks over ties.
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    if validator is not None and (not history.validation or history.validation[-1]["step"] != step):
+        validate()
+    history.steps, history.seconds = step, time.perf_counter() - t0
+    if validator is not None and history.best is not None and abs(best_value - 0.5) < 0.05:
+        history.warn(step, f"the best validation {monitor} is {best_value:.3f}, at chance: the encoder has "
+                           f"not learnt to separate the volume labels")
+    if keep_best and best_state is not None:
+        encoder.load_state_dict(best_state)
 
 
 @torch.no_grad()

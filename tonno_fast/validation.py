@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["as_volume5d", "check_volume5d", "compute_dtype", "check_float_tensor", "check_nonempty",
+__all__ = ["as_volume5d", "scan_and_spacing", "check_volume5d", "compute_dtype", "check_float_tensor", "check_nonempty",
            "check_same_device", "finite_float", "FLOAT_DTYPES"]
 
 #: dtypes every operator computes in.
@@ -71,6 +71,21 @@ def as_volume5d(volume, name: str = "volume", *, allow_nonfinite: bool = False
         raise ValueError(f"{name} contains {bad} NaN or inf values; clean it (e.g. torch.nan_to_num) or pass "
                          f"allow_nonfinite=True")
     return vol, ndim
+
+
+def scan_and_spacing(volume, spacing):
+    """``(data, spacing)`` of a pipeline's input: a scan that carries its spacing (an object with ``.data`` and
+    ``.spacing``, such as :func:`tonno_fast.load_nifti`'s result) gives both, a plain tensor or array keeps the
+    ``spacing`` given. A given ``spacing`` that contradicts the scan's own is refused."""
+    if isinstance(volume, (torch.Tensor, np.ndarray)) or not (hasattr(volume, "data") and hasattr(volume, "spacing")):
+        return volume, spacing
+    own = tuple(float(s) for s in volume.spacing)
+    if spacing is not None:
+        from .geometry import normalize_spacing
+        given = normalize_spacing(spacing)
+        if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(given, own)):
+            raise ValueError(f"spacing={given} contradicts the scan's own spacing {own} (mm); leave spacing out")
+    return volume.data, own
 
 
 def check_float_tensor(t, name: str, shape_hint: str) -> None:

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from ..distributed import all_or_none, all_reduce_sum, split_directions
 from ..encoder import Encoder, as_encoder
 from ..filters import check_filter, filter_matrix, reconstruction_scale
-from ..geometry import make_geometry
-from ..memory import check_pipeline, geometry_dims
+from ..geometry import Geometry, make_geometry, normalize_spacing
+from ..memory import check_pipeline
 from ..ops import backproject_slices
-from ..pipeline import (AxialSlicer, GeometrySlicer, encode_chunks, resolve_batch_size, resolve_max_memory,
-                        resolve_slice_size)
-from ..validation import as_volume5d
+from ..pipeline import (AxialSlicer, GeometrySlicer, encode_chunks, plan_geometry, resolve_batch_size, resolve_geometry,
+                        resolve_max_memory, resolve_slice_size)
+from ..validation import as_volume5d, scan_and_spacing
 from .adapter import PytorchGradCAM, is_pytorch_grad_cam
 from .methods import CAM_METHODS, CAMMethod
 
@@ -155,25 +155,25 @@ def _start(volume, encoder, *, target_layers, method, targets, reshape_transform
 
 def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_transform, filter, window,
                    n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices,
-                   normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings,
+                   geometry, normalize, batch_size, max_memory, backend, progress, fill, allow_nonfinite, timings,
                    process_group=None):
     """Averaged (``filter="none"``) and Tomographic CAM share everything but the filter. With a
     ``process_group`` each rank streams its share of the directions into its own accumulator (weights from all
     directions) and an ``all_reduce`` sums the accumulators before the normalisation."""
     check_filter(filter, window)
+    volume, spacing = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
         allow_nonfinite=allow_nonfinite)
-    geo = dict(spacing=spacing, slice_size=resolve_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
-               slice_spacing=slice_spacing, n_slices=n_slices)
+    dims, build = plan_geometry(vol.shape[2:], enc, geometry=geometry, spacing=spacing, n_directions=n_directions,
+                                directions=directions, weights=weights, slice_size=slice_size,
+                                pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
     what = "averaged_cam" if filter == "none" else "tomographic_cam"
     mem = dict(kind="stacks", batch_size=bs, max_memory=budget, filter=filter, group=process_group)
     with all_or_none(process_group):  # a failure on one rank stops all, none waits in a collective
-        dims = geometry_dims(vol.shape[2:], n_directions=n_directions, directions=directions, **geo)
         check_pipeline(what, vol, enc, dims, **mem)
-        geometry = make_geometry(vol.shape[2:], n_directions=n_directions, directions=directions, weights=weights,
-                                 **geo)
+        geometry = build()
         part, share = split_directions(geometry, process_group)
         prepared, fill, stats = enc.prepare_volume(vol, fill)
         slicer = GeometrySlicer(prepared, part, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
@@ -210,8 +210,9 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
 
 
 def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targets=None, reshape_transform=None,
-                 n_directions: int = 64, directions=None, weights=None, spacing=None, slice_size=None,
-                 slice_spacing=None, pixel_spacing=None, n_slices: Optional[int] = None, normalize=None,
+                 n_directions: Optional[int] = None, directions=None, weights=None, spacing=None, slice_size=None,
+                 slice_spacing=None, pixel_spacing=None, n_slices: Optional[int] = None,
+                 geometry: Optional[Geometry] = None, normalize=None,
                  batch_size: Optional[int] = None, max_memory: Optional[int] = None, backend: str = "auto",
                  progress: bool = False, fill: float = 0.0, allow_nonfinite: bool = False,
                  timings: Optional[Dict[str, float]] = None, process_group=None) -> torch.Tensor:
@@ -219,7 +220,8 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
     and averaged over orientations with weights ``w_k / Σ w``.
 
     Args:
-        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x); any real dtype.
+        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x); any real dtype; or a
+            scan that carries its spacing (:func:`tonno_fast.load_nifti`).
         encoder: a :class:`tonno_fast.Encoder` (input adaptation, device, autocast, output selection = the CAM
             targets) or an ``nn.Module`` (used as is; put it in eval mode).
         target_layers: module(s) or dotted name(s) hooked by ``"gradcam"``/``"layercam"``.
@@ -229,9 +231,10 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
             indices (``K`` maps) or a callable ``raw_output → (M,)``/``(M, K)``. Default: the Encoder's
             ``output`` (all outputs of a plain model).
         reshape_transform: token tensor → ``(M, C, h', w')`` for ViTs (see ``vit_reshape_transform``).
-        n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices:
-            the geometry, as in :func:`tonno_fast.tomographic_heatmap` (``slice_size`` defaults to the
-            Encoder's ``input_size``).
+        n_directions, directions, weights, spacing, slice_size, slice_spacing, pixel_spacing, n_slices,
+            geometry: the geometry, as in :func:`tonno_fast.tomographic_heatmap` (``spacing`` required unless
+            the volume or ``geometry`` carries it; ``slice_size`` and ``pixel_spacing`` default to the
+            Encoder's ``input_size`` and ``pixel_spacing``).
         normalize: ``None`` (raw CAM values), ``"minmax"`` or ``"max"``, per volume and target.
         batch_size: slices per encoder call (default: the Encoder's, else 256).
         max_memory: bytes for slices, CAM stacks and filter work (default 1 GiB; see
@@ -254,16 +257,16 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
                           reshape_transform=reshape_transform, filter="none", window=None,
                           n_directions=n_directions, directions=directions, weights=weights, spacing=spacing,
                           slice_size=slice_size, slice_spacing=slice_spacing, pixel_spacing=pixel_spacing,
-                          n_slices=n_slices, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
-                          backend=backend, progress=progress, fill=fill, allow_nonfinite=allow_nonfinite,
-                          timings=timings, process_group=process_group)
+                          n_slices=n_slices, geometry=geometry, normalize=normalize, batch_size=batch_size,
+                          max_memory=max_memory, backend=backend, progress=progress, fill=fill,
+                          allow_nonfinite=allow_nonfinite, timings=timings, process_group=process_group)
 
 
-def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", filter: str = "ramp2",
-                    window: Optional[str] = None, targets=None, reshape_transform=None, n_directions: int = 64,
-                    directions=None, weights=None, spacing=None, slice_size=None, slice_spacing=None,
-                    pixel_spacing=None, n_slices: Optional[int] = None, normalize=None,
-                    batch_size: Optional[int] = None,
+def tomographic_cam(volume, encoder, *, target_layers=None, method="gradcam", filter: str = "ramp2",
+                    window: Optional[str] = None, targets=None, reshape_transform=None,
+                    n_directions: Optional[int] = None, directions=None, weights=None, spacing=None,
+                    slice_size=None, slice_spacing=None, pixel_spacing=None, n_slices: Optional[int] = None,
+                    geometry: Optional[Geometry] = None, normalize=None, batch_size: Optional[int] = None,
                     max_memory: Optional[int] = None, backend: str = "auto", progress: bool = False,
                     fill: float = 0.0, allow_nonfinite: bool = False,
                     timings: Optional[Dict[str, float]] = None, process_group=None) -> torch.Tensor:
@@ -275,39 +278,69 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
 
     Arguments and return value as :func:`averaged_cam`, plus ``filter`` (``"ramp2"``, ``"laplacian"``,
     ``"ramp"``, ``"none"``) and ``window`` (``None``, ``"shepp-logan"``, ``"cosine"``, ``"hamming"``,
-    ``"hann"``). The default method is LayerCAM, whose maps keep fine detail.
+    ``"hann"``). The default CAM is GradCAM, as for the other CAM pipelines.
     """
     return _projected_cam(volume, encoder, target_layers=target_layers, method=method, targets=targets,
                           reshape_transform=reshape_transform, filter=filter, window=window,
                           n_directions=n_directions, directions=directions, weights=weights, spacing=spacing,
                           slice_size=slice_size, slice_spacing=slice_spacing, pixel_spacing=pixel_spacing,
-                          n_slices=n_slices, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
-                          backend=backend, progress=progress, fill=fill, allow_nonfinite=allow_nonfinite,
-                          timings=timings, process_group=process_group)
+                          n_slices=n_slices, geometry=geometry, normalize=normalize, batch_size=batch_size,
+                          max_memory=max_memory, backend=backend, progress=progress, fill=fill,
+                          allow_nonfinite=allow_nonfinite, timings=timings, process_group=process_group)
 
 
 def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targets=None, reshape_transform=None,
-                  slice_size=None, normalize=None, batch_size: Optional[int] = None,
-                  max_memory: Optional[int] = None, progress: bool = False, fill: float = 0.0,
-                  allow_nonfinite: bool = False, timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                  slice_size=None, pixel_spacing=None, spacing=None, geometry: Optional[Geometry] = None,
+                  normalize=None, batch_size: Optional[int] = None, max_memory: Optional[int] = None,
+                  backend: str = "auto", progress: bool = False, fill: float = 0.0, allow_nonfinite: bool = False,
+                  timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
     """The 2D baseline: the CAM of every axial slice ``volume[k]`` (normal ``e_z``, rows y, columns x) stacked
     into a volume. No reorientation and no resampling across slices, so anisotropic spacing is irrelevant.
 
-    ``slice_size`` (default: the Encoder's ``input_size``, else ``(H, W)``): each axial image is resized
-    bilinearly to it for the model and the CAM is resized back to ``(H, W)``. Adjacent-slice context takes the
-    axial neighbours ``volume[k ± step]`` (``fill`` beyond the ends). Other arguments and the return value as
-    :func:`averaged_cam`.
+    How each axial image is shown to the model:
+
+    * with a pixel spacing (``pixel_spacing`` mm, else the Encoder's ``pixel_spacing``, e.g. from an encoder
+      bundle, else ``geometry``'s): the axial plane is resampled at that spacing on a ``slice_size`` grid
+      centred on the volume's axis (default size: the Encoder's ``input_size``, else what covers the plane),
+      exactly as the oblique pipelines cut an axial slice, and the CAM is interpolated back onto the voxels
+      (zero outside the grid). This shows the encoder the field of view it was trained on and needs
+      ``spacing`` (or a scan that carries it). ``geometry``: only its in-plane part (slice size, pixel
+      spacing, spacing) is used; the slices are the axial planes of the volume whatever its directions;
+    * without one: each axial image is resized bilinearly to ``slice_size`` (default: the Encoder's
+      ``input_size``, else ``(H, W)``, no resizing) and the CAM is resized back to ``(H, W)``.
+
+    Adjacent-slice context takes the axial neighbours ``volume[k ± step]`` (``fill`` beyond the ends). Other
+    arguments and the return value as :func:`averaged_cam`.
     """
+    volume, spacing = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
         allow_nonfinite=allow_nonfinite)
+    B, _, D, H, W = vol.shape
+    if geometry is not None:
+        if slice_size is not None or pixel_spacing is not None:
+            raise ValueError("give geometry= or slice_size/pixel_spacing, not both")
+        ref = resolve_geometry(vol.shape[2:], enc, geometry=geometry, spacing=spacing)
+        spacing, slice_size, pixel_spacing = ref.spacing, (ref.height, ref.width), ref.pixel_spacing
     size = resolve_slice_size(slice_size, enc)
     if isinstance(size, int):
         size = (size, size)
+    if pixel_spacing is None:
+        pixel_spacing = enc.pixel_spacing
     prepared, fill, stats = enc.prepare_volume(vol, fill)
-    slicer = AxialSlicer(prepared, size, fill=fill, out_dtype=enc.slice_dtype)
-    B, _, D, H, W = vol.shape
+    axial = None
+    if pixel_spacing is not None:
+        if spacing is None:
+            raise ValueError("spacing is required with a pixel spacing: give the voxel spacing (sz, sy, sx) in mm "
+                             "(or pass a scan that carries it), so the axial planes can be resampled in mm")
+        # The axial planes as one direction e_z with S = D slices at Δs = sz: slice k is exactly plane d = k.
+        spacing = normalize_spacing(spacing)
+        axial = make_geometry((D, H, W), spacing=spacing, directions=[[0.0, 0.0, 1.0]], slice_size=size,
+                              pixel_spacing=pixel_spacing, slice_spacing=spacing[0], n_slices=D)
+        slicer = GeometrySlicer(prepared, axial, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
+    else:
+        slicer = AxialSlicer(prepared, size, fill=fill, out_dtype=enc.slice_dtype)
 
     K = _probe(compute, enc, slicer, enc.slice_dtype or vol.dtype)
     check_pipeline("slicewise_cam", vol, enc, (1, D, slicer.height, slicer.width), kind="axial", outputs=K,
@@ -315,6 +348,10 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     out = {}
 
     def finish(n0: int, n1: int, stack: torch.Tensor) -> None:  # (B, K, 1, D, h, w)
+        if axial is not None:  # back onto the voxels: weight 1 for the only direction is plain interpolation
+            one = torch.ones(1, dtype=torch.float64, device=vol.device)
+            out["cam"] = backproject_slices(stack, axial, weights=one, backend=backend)
+            return
         maps = stack[:, :, 0]
         if tuple(maps.shape[-2:]) != (H, W):
             maps = F.interpolate(maps.reshape(B * K * D, 1, *maps.shape[-2:]), size=(H, W), mode="bilinear",

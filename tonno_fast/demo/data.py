@@ -7,14 +7,16 @@ coarse resolution, crops them to the brain, and reorders the axes to the library
 * anatomy: a random affine (rotation, anisotropic scale, translation) composed with a smooth elastic
   displacement field, applied by one trilinear resampling;
 * lesions (positive subjects only): 1–3 irregular blobs (unions of 2–4 overlapping balls) centred in white
-  matter, tumour-sized (radius ``lesion_radius`` mm) and hyperintense (``lesion_contrast`` times the white
-  matter intensity above it), with a 1 mm soft edge; their masks are kept for evaluation only;
+  matter, of radius ``lesion_radius`` mm, hyperintense or hypointense (``lesion_contrast`` times the white
+  matter intensity above or below it; dark lesions then look like grey matter), with a 1 mm soft edge; their
+  masks are kept for evaluation only;
 * acquisition: gamma contrast change, global gain, smooth multiplicative bias field, Gaussian noise, and
   for a share of subjects thick slices along a random axis (blur + decimate + linear upsample by 2),
   which mimics an anisotropic acquisition on the common grid.
 
-Lesions are tumour-sized on purpose (SCIENCE.md): with 3–9 mm lesions only ~8% of the oblique slices of a
-positive volume cross a lesion, and a small CNN trained on a CPU in minutes stays at chance. Every subject
+The size matters for weak supervision: the smaller the lesions, the fewer oblique slices of a positive volume
+cross one (with 3–9 mm lesions under a tenth), so the fewer slice labels are right; the demo mixes lesions of
+6–10 mm and 12–18 mm radius, half of them darker than white matter (:func:`make_population`). Every subject
 is drawn from ``numpy.random.default_rng((seed, index))``, so a subject does not depend on how many others
 are made or in which order.
 """
@@ -68,6 +70,8 @@ class Subject:
         lesion_centres: ``(L, 3)`` centres (mm, (x, y, z) from the volume centre), one per lesion.
         lesion_radii: ``(L,)`` radii (mm) of the blobs' main balls.
         thick_axis: axis (0 = z, 1 = y, 2 = x) along which thick slices were simulated, or ``None``.
+        polarity: ``"hyper"`` or ``"hypo"`` (lesions brighter or darker than white matter), ``"none"`` for a
+            negative subject.
     """
 
     image: np.ndarray
@@ -79,6 +83,7 @@ class Subject:
     lesion_centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     lesion_radii: np.ndarray = field(default_factory=lambda: np.zeros(0))
     thick_axis: Optional[int] = None
+    polarity: str = "none"
 
 
 def load_template(resolution: int = 3, margin: int = 2) -> Template:
@@ -147,7 +152,8 @@ def _thick_slices(img: torch.Tensor, axis: int, factor: int = 2) -> torch.Tensor
 
 def make_subject(template: Template, seed: int, index: int, *, positive: bool,
                  n_lesions: Tuple[int, int] = (1, 3), lesion_radius: Tuple[float, float] = (12.0, 18.0),
-                 lesion_contrast: Tuple[float, float] = (0.35, 0.6), rotation_deg: float = 8.0,
+                 lesion_contrast: Tuple[float, float] = (0.35, 0.6), polarity: str = "hyper",
+                 rotation_deg: float = 8.0,
                  scale: float = 0.06, translation_mm: float = 4.0, elastic_mm: float = 3.0,
                  bias: float = 0.15, noise: Tuple[float, float] = (0.02, 0.05), gamma: float = 0.2,
                  thick_prob: float = 0.3) -> Subject:
@@ -157,12 +163,17 @@ def make_subject(template: Template, seed: int, index: int, *, positive: bool,
         template: from :func:`load_template`.
         positive: add ``n_lesions`` (inclusive range) lesions.
         lesion_radius: range (mm) of each blob's main ball radius.
-        lesion_contrast: range of the lesion's excess intensity over white matter (0.5 = 50% brighter).
+        lesion_contrast: range of the lesion's intensity difference to white matter (0.5 = 50% brighter for
+            ``polarity="hyper"``, 50% darker for ``"hypo"``).
+        polarity: ``"hyper"`` (brighter than white matter) or ``"hypo"`` (darker: in T1 then close to grey
+            matter, so intensity alone does not tell it from the cortex).
         rotation_deg, scale, translation_mm: ranges (±) of the random affine.
         elastic_mm: standard deviation of the elastic displacement at its control points (mm).
         bias: standard deviation of the log bias field; noise: range of the noise std (in white-matter units).
         gamma: range (±, in log) of the gamma contrast change; thick_prob: chance of thick slices.
     """
+    if polarity not in ("hyper", "hypo"):
+        raise ValueError(f"polarity must be 'hyper' or 'hypo', got {polarity!r}")
     rng = np.random.default_rng((int(seed), int(index)))
     shape, spacing = template.shape, template.spacing
     grid = _grid_mm(shape, spacing)  # (D, H, W, 3) x, y, z
@@ -196,9 +207,10 @@ def make_subject(template: Template, seed: int, index: int, *, positive: bool,
                 occ = torch.maximum(occ, torch.sigmoid((rj - dist) / 1.0))
             contrast = float(rng.uniform(*lesion_contrast))
             lesion_occ = torch.maximum(lesion_occ, occ * brain)
-            # Hyperintense lesion with a faint texture; replaces the tissue it occupies.
+            # Hyper- or hypointense lesion with a faint texture; replaces the tissue it occupies.
             texture = 1 + 0.08 * _smooth_field(rng, shape, 9, 1)[0]
-            t1 = t1 * (1 - occ * brain) + (occ * brain) * wm_level * (1 + contrast) * texture
+            level = 1 + contrast if polarity == "hyper" else 1 - contrast
+            t1 = t1 * (1 - occ * brain) + (occ * brain) * wm_level * level * texture
             centres.append(c.numpy())
             radii.append(r)
     lesion = (lesion_occ > 0.5) & brain
@@ -216,16 +228,39 @@ def make_subject(template: Template, seed: int, index: int, *, positive: bool,
     level = float(torch.median(img[brain])) if bool(brain.any()) else 1.0
     img = img / max(level, 1e-6)
     return Subject(img.numpy().astype(np.float32), lesion.numpy(), brain.numpy(), int(positive),
-                   template.affine.copy(), spacing, np.asarray(centres).reshape(-1, 3), np.asarray(radii), thick)
+                   template.affine.copy(), spacing, np.asarray(centres).reshape(-1, 3), np.asarray(radii), thick,
+                   polarity if positive else "none")
 
 
 def make_population(template: Template, n_subjects: int, seed: int, *, start: int = 0,
-                    positive_fraction: float = 0.5, **kwargs) -> List[Subject]:
+                    positive_fraction: float = 0.5, lesion_radius=(12.0, 18.0), hypointense_fraction: float = 0.0,
+                    **kwargs) -> List[Subject]:
     """``n_subjects`` subjects with indices ``start, start+1, …``; the first ``round(n · fraction)`` of a
-    seeded permutation are positive (so a population always has exactly that many positives)."""
+    seeded permutation are positive (so a population always has exactly that many positives).
+
+    ``lesion_radius``: one range ``(lo, hi)`` mm, or several (e.g. ``((6, 10), (12, 18))``): the positives are
+    dealt the ranges in turn (in a seeded order), so each range gets an equal share. ``hypointense_fraction``:
+    share of the positives whose lesions are darker than white matter, taken within each size range (about
+    ``round(n · fraction)`` of the ``n`` positives of a range), so that size and polarity are balanced.
+    """
     n_pos = int(round(n_subjects * positive_fraction))
-    perm = np.random.default_rng((int(seed), 10 ** 6 + int(start))).permutation(n_subjects)
+    rng = np.random.default_rng((int(seed), 10 ** 6 + int(start)))
+    perm = rng.permutation(n_subjects)
     positive = np.zeros(n_subjects, dtype=bool)
     positive[perm[:n_pos]] = True
-    return [make_subject(template, seed, start + i, positive=bool(positive[i]), **kwargs)
+    ranges = [tuple(float(v) for v in lesion_radius)] if np.ndim(lesion_radius) == 1 else \
+        [tuple(float(v) for v in r) for r in lesion_radius]
+    if not ranges or any(len(r) != 2 or not 0 < r[0] <= r[1] for r in ranges):
+        raise ValueError(f"lesion_radius must be a range (lo, hi) of mm or a sequence of them, got {lesion_radius!r}")
+    if not 0.0 <= float(hypointense_fraction) <= 1.0:
+        raise ValueError(f"hypointense_fraction must be in [0, 1], got {hypointense_fraction!r}")
+    pos_idx = rng.permutation(np.flatnonzero(positive))
+    size_of = {int(i): ranges[k % len(ranges)] for k, i in enumerate(pos_idx)}
+    hypo = set()
+    for r in range(len(ranges)):
+        members = pos_idx[r::len(ranges)]
+        hypo |= {int(i) for i in members[:int(round(len(members) * float(hypointense_fraction)))]}
+    return [make_subject(template, seed, start + i, positive=bool(positive[i]),
+                         lesion_radius=size_of.get(i, ranges[0]), polarity="hypo" if i in hypo else "hyper",
+                         **kwargs)
             for i in range(n_subjects)]

@@ -24,8 +24,21 @@ __all__ = ["SliceCNN", "make_encoder", "TARGET_LAYER"]
 TARGET_LAYER = "features.3"
 
 
-def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+NORMS = ("batch", "group", "instance", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # per slice, over groups of 4 channels
+        return nn.GroupNorm(max(1, channels // 4), channels)
+    if kind == "instance":  # per slice and channel, with a learnt scale and shift
+        return nn.GroupNorm(channels, channels)
+    return nn.Identity()
+
+
+def _block(c_in: int, c_out: int, pool: bool, norm: str = "batch") -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), _norm(norm, c_out), nn.ReLU(inplace=True)]
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
@@ -40,14 +53,18 @@ class SliceCNN(nn.Module):
         sharpness: ``r`` of the log-sum-exp pooling (``r → ∞``: max pooling; ``r → 0``: average pooling).
     """
 
-    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 64), sharpness: float = 10.0):
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 64), sharpness: float = 10.0,
+                 norm: str = "batch"):
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"widths must give the channels of 4 blocks, got {tuple(widths)}")
         if not sharpness > 0:
             raise ValueError(f"sharpness must be positive, got {sharpness!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         w = [int(in_channels)] + [int(c) for c in widths]
-        self.features = nn.Sequential(*[_block(w[i], w[i + 1], pool=i < 2) for i in range(4)])
+        self.norm = norm
+        self.features = nn.Sequential(*[_block(w[i], w[i + 1], pool=i < 2, norm=norm) for i in range(4)])
         self.score = nn.Conv2d(w[-1], 1, 1)
         self.sharpness = float(sharpness)
 
