@@ -1,9 +1,12 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2`` (gloo, CPU): every rank computes the
 pipelines with ``process_group`` (each a share of the directions) and in one process (all directions), and rank
-0 writes what it measured to ``argv[1]`` (JSON). Not a test module itself (no ``test_`` prefix)."""
+0 writes what it measured to ``argv[1]`` (JSON). ``--hang FOLDER``: each rank writes ``FOLDER/rank<r>.pid`` once
+the process group is up, then rank 1 waits in a barrier rank 0 never reaches (the timeout guard's test). Not a
+test module itself (no ``test_`` prefix)."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +49,7 @@ def main(out_path):
         for name, kw in [("fbp_ramp2", {}), ("fbp_none", {"filter": "none"}),
                          ("fbp_ramp_hann_baseline", {"filter": "ramp", "window": "hann", "score_baseline": "median"}),
                          ("sirt", {"reconstruction": "sirt", "reconstruction_options": {"iterations": 5}}),
+                         ("cgls", {"reconstruction": "cgls", "reconstruction_options": {"iterations": 5}}),
                          ("fista", {"reconstruction": "fista", "reconstruction_options": {"iterations": 5}})]:
             split = tf.tomographic_heatmap(vol, mean, process_group=group, **base, **kw)
             whole = tf.tomographic_heatmap(vol, mean, **base, **kw)
@@ -123,5 +127,17 @@ def main(out_path):
                 json.dump(merged, fh)
 
 
+def hang(folder):
+    with du.session("cpu") as (ctx, _):
+        Path(folder, f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+        if ctx.rank == 1:
+            du.barrier(ctx)
+        else:
+            time.sleep(3600)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--hang":
+        hang(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -88,6 +88,10 @@ def test_rerun_skips_existing_outputs_untouched(tmp_path, folder, torchscript, c
     argv = ["heatmap", "-i", str(folder), "-o", str(out), "--encoder", str(torchscript)] + BASE
     assert _run(argv, capsys)[0] == 0
     before = _snapshot(out)
+    # The same command again: nothing to do, every file as it was (bytes and modification time).
+    rc, stdout, _ = _run(argv, capsys)
+    assert rc == 0 and "0 written, 3 skipped (output exists), 0 failed, of 3 scans" in stdout
+    assert _snapshot(out) == before
     (out / "b.nii").unlink()  # as if the run had been interrupted before b
     rc, stdout, _ = _run(argv, capsys)
     assert rc == 0 and "1 written, 2 skipped" in stdout
@@ -306,13 +310,18 @@ def test_available_memory_and_sizes(monkeypatch):
     assert memory.format_bytes(1536) == "1.5 KiB"
 
 
-def test_real_memory_check_in_a_fresh_process(tmp_path, folder, torchscript):
-    """Without mocking: 10¹² directions cannot fit on any machine; the command says so at once (a fresh process,
-    so nothing is shared with the test)."""
+@pytest.mark.parametrize("shape, directions", [((128, 128, 128), 10 ** 8), ((10, 12, 8), 10 ** 12)])
+def test_real_memory_check_in_a_fresh_process(tmp_path, torchscript, shape, directions):
+    """Without mocking, in a fresh process: the issue's command (`--directions 100000000`, killed by the OOM
+    killer before) on a 128³ scan needs about 977 GiB, and 10¹² directions fit on no machine; the command says so
+    at once, one line, exit 2, nothing written."""
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), str(scan))
     out = tmp_path / "h.nii.gz"
-    r = subprocess.run([sys.executable, "-m", "tonno_fast", "heatmap", "-i", str(folder / "a.nii.gz"), "-o",
-                        str(out), "--encoder", str(torchscript), "--directions", str(10 ** 12), "--device", "cpu"],
+    r = subprocess.run([sys.executable, "-m", "tonno_fast", "heatmap", "-i", str(scan), "-o", str(out), "--encoder",
+                        str(torchscript), "--directions", str(directions), "--device", "cpu"],
                        capture_output=True, text=True, timeout=300)
     err = r.stderr.strip()
     assert r.returncode == 2 and len(err.splitlines()) == 1 and "lower --directions" in err, err
-    assert not out.exists()
+    assert err.startswith("tonno-fast: error: tomographic_heatmap needs about") and "Traceback" not in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mean.pt", "scan.nii.gz"]

@@ -2,14 +2,15 @@
 tonno_fast.distributed in one process, then real ``torchrun --nproc-per-node 2`` runs: the cohort CLI sharding
 scans (same heatmaps as one process, resuming), and the direction split of the pipelines (tests/dist_worker.py).
 
-The multi-process runs use torchrun's ``--standalone`` rendezvous (a free port chosen by the OS), tiny volumes,
-one thread per process, a timeout, and their own process group, which is killed whole on timeout so no worker
-is left behind."""
+The multi-process runs (marked ``distributed``; ``-m "not distributed"`` leaves them out) use torchrun's
+``--standalone`` rendezvous (a free port chosen by the OS), tiny volumes, one thread per process and a timeout
+after which the agent and its workers are killed, so a hang fails the test and leaves no process behind."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -82,23 +83,74 @@ def test_rank_generators_differ_by_rank_and_repeat():
 
 
 # --- torchrun --------------------------------------------------------------------------------------------------
+# Safe under pytest-xdist: each run has its own tmp_path, torchrun --standalone binds its rendezvous to a port the
+# OS picks (port 0), and a run that hangs is killed, agent and workers, after `timeout` seconds so the test fails
+# instead of blocking CI. The workers live in sessions of their own (torchrun starts them so), so killing the
+# agent's process group alone would leave them running: they are found under the agent first.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+distributed = pytest.mark.distributed
+
+
+def _descendants(pid):
+    """Process ids below ``pid`` (Linux /proc; empty elsewhere)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(proc):
+    """SIGKILL the agent's process group and every process below it (collected before the agent dies, after
+    which its workers would be re-parented)."""
+    below = _descendants(proc.pid)
+    for kill, target in [(os.killpg, proc.pid)] + [(os.kill, pid) for pid in below]:
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid):
+    """True while ``pid`` runs (a zombie left for a parent that does not reap counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _torchrun(args, cwd, timeout=300):
-    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` in its own session; killed whole
-    (agent and workers) on timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS``: one thread per worker, gloo on
+    the loopback interface (no host name to resolve), no torchrun variables inherited from the caller; agent and
+    workers are killed and the test fails when it does not finish within ``timeout`` seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] + args
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        _kill(proc)
+        try:  # a worker that survived would hold the pipes open: never wait for it
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(a worker survived the kill and holds the output pipes)"
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
     finally:
-        if proc.poll() is None:  # pragma: no cover
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # pragma: no cover  (an exception other than the timeout)
+            _kill(proc)
     return proc.returncode, out, err
 
 
@@ -107,6 +159,7 @@ class _Mean(torch.nn.Module):
         return x.mean(dim=(1, 2, 3))
 
 
+@distributed
 def test_torchrun_two_processes_write_the_same_heatmaps_as_one(tmp_path):
     src = tmp_path / "scans"
     src.mkdir()
@@ -147,6 +200,7 @@ def test_torchrun_two_processes_write_the_same_heatmaps_as_one(tmp_path):
     assert np.linalg.norm(y - x) <= 1e-5 * np.linalg.norm(x)
 
 
+@distributed
 def test_torchrun_direction_split_equals_one_process(tmp_path):
     """tests/dist_worker.py on 2 gloo ranks: every pipeline with process_group against the same call in one
     process (float64: rounding only), a failure on one rank raising on both, gathers of unequal shares, and the
@@ -156,7 +210,7 @@ def test_torchrun_direction_split_equals_one_process(tmp_path):
     assert rc == 0, err[-3000:]
     r = json.loads(report.read_text())
     assert r["world_size"] == 2
-    for name in ("fbp_ramp2", "fbp_none", "fbp_ramp_hann_baseline", "sirt", "fista", "averaged_cam",
+    for name in ("fbp_ramp2", "fbp_none", "fbp_ramp_hann_baseline", "sirt", "cgls", "fista", "averaged_cam",
                  "tomographic_cam"):
         assert r[name] <= 1e-12, (name, r[name])
     assert r["fbp_ramp2_float32"] <= 1e-5
@@ -168,3 +222,17 @@ def test_torchrun_direction_split_equals_one_process(tmp_path):
     assert r["cohort_rank0"] == r["cohort_rank1"] == [
         "1 written, 1 failed, 2 not run (fail fast), of 4 scans", "3 written, 1 failed, of 4 scans"]
     assert r["cohort_fast_files"] == ["s0.nii.gz"]
+
+
+@distributed
+def test_a_hanging_torchrun_fails_and_leaves_no_process(tmp_path):
+    """The guard of the runs above: rank 1 waits in a barrier that rank 0 never reaches. The run must fail at the
+    timeout, and both workers must be gone afterwards (they run in sessions of their own)."""
+    with pytest.raises(pytest.fail.Exception, match="torchrun did not finish in 60 s"):
+        _torchrun([str(HERE / "dist_worker.py"), "--hang", str(tmp_path)], tmp_path, timeout=60)
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+    assert len(pids) == 2  # both workers had joined the process group before the timeout
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
