@@ -138,11 +138,11 @@ def test_backends_report_a_mismatch_and_fall_back(tmp_path):
         enc = lambda s: s.flatten(1).sum(1)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            h = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16)
-            h2 = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16)
+            h = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16, spacing=1.0)
+            h2 = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16, spacing=1.0)
         msgs = [str(x.message) for x in w if "tonno_fast" in str(x.message)]
         assert len(msgs) == 1 and "\\n" not in msgs[0] and "rebuild" in msgs[0], msgs
-        ref = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16, backend="reference")
+        ref = tonno_fast.tomographic_heatmap(vol, enc, n_directions=6, slice_size=16, spacing=1.0, backend="reference")
         assert torch.equal(h, ref) and torch.equal(h2, ref)
         print(msgs[0])
     """)
