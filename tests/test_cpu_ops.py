@@ -122,6 +122,46 @@ def test_backproject(geom, dtype):
     assert_close_rel(out, expected, TOL[dtype])
 
 
+# Geometries that reach every path of the backprojection kernel: float32 voxel blocks of 4 columns x 2 rows
+# reading windows of the sinogram row, with and without clamping (a stack that does not cover the volume);
+# gathers where the taps of a block spread over more than 8 values (slices much finer than the voxels);
+# column and row tails (W % 4 != 0, odd H); volumes narrower than a block.
+BACKPROJECT_CASES = {
+    "covering stack": dict(shape=(5, 10, 16)),
+    "partial stack": dict(shape=(5, 9, 23), n_slices=7),
+    "fine slices": dict(shape=(4, 6, 13), slice_spacing=0.15),
+    "narrow": dict(shape=(3, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(BACKPROJECT_CASES))
+def test_backproject_paths(case, dtype):
+    kw = dict(BACKPROJECT_CASES[case])
+    shape = kw.pop("shape")
+    g = make_geometry(shape, spacing=(1.2, 1.0, 0.9), directions=DIRECTIONS, **kw)
+    sino = rand(1, 2, g.n_directions, g.n_slices, dtype=dtype, seed=6)
+    maps, w = g.volume_maps(dtype=dtype), g.weights.to(dtype)
+    out = native.backproject(sino, maps, w, shape)
+    expected = ref.backproject(sino.double(), maps.double(), w.double(), shape)
+    assert_close_rel(out, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backproject_nonfinite_maps(dtype):
+    """A NaN or infinite map entry reads padding (zero), as in the reference, on every path."""
+    shape = (3, 4, 9)
+    g = make_geometry(shape, n_directions=4)
+    maps, w = g.volume_maps(), g.weights
+    maps[0, 0, 3] = math.nan
+    maps[1, 0, 2] = math.inf
+    maps[2, 0, 1] = 1e30
+    sino = rand(1, 1, g.n_directions, g.n_slices, seed=7)
+    expected = ref.backproject(sino, maps, w, shape)
+    out = native.backproject(sino.to(dtype), maps.to(dtype), w.to(dtype), shape)
+    assert_close_rel(out, expected, TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_backproject_slices(geom, dtype):
     stacks = rand(2, 3, geom.n_directions, geom.n_slices, geom.height, geom.width, dtype=dtype, seed=3)
