@@ -26,7 +26,8 @@ def gaussian_blobs(shape, spacing=(1.0, 1.0, 1.0), blobs=None, dtype=torch.float
     return v
 
 
-# The master-identity phantom: three blobs of σ 3.0–5.5 mm within 12 mm of the centre (DESIGN.md §6).
+# The master-identity phantom: three blobs of σ 3.0–5.5 mm within 12 mm of the centre (docs/design.md,
+# "Correctness").
 PHANTOM_BLOBS = [((6.0, -6.0, 4.0), 4.5, 1.0), ((-8.0, 5.0, -3.0), 5.5, 0.8), ((2.0, 5.0, -4.0), 3.0, 1.2)]
 
 

@@ -272,7 +272,7 @@ def test_autocast_cams_are_float32_and_close_to_float32_cams():
 
 @pytest.mark.parametrize("filter,window", [("ramp2", None), ("ramp", "hann"), ("laplacian", None)])
 def test_filter_matrix_is_apply_filter(filter, window):
-    from tonno_fast.cam.pipelines import filter_matrix
+    from tonno_fast.filters import filter_matrix
     from tonno_fast.filters import apply_filter
     g = torch.randn(3, 4, 17, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))  # S = 17
     M = filter_matrix(filter, window, 17, 0.7)

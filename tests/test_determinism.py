@@ -1,4 +1,4 @@
-"""Determinism and thread safety (issue 8).
+"""Determinism and thread safety.
 
 * CPU forward and backward of every op are bitwise identical run to run and for 1 or 2 intra-op threads: the
   CPU kernels partition their outputs (no atomics; each output element is summed in a fixed order by one

@@ -1,4 +1,4 @@
-"""NIfTI files as they come from scanners and archives (issue 8): oblique, flipped and LPS affines, 4D series,
+"""NIfTI files as they come from scanners and archives: oblique, flipped and LPS affines, 4D series,
 scaled int16, NaNs, truncated archives, and atomic writes (an interrupted save never leaves a partial file).
 
 Bad-file error messages are catalogued in tests/test_bad_inputs.py; this file checks what is *accepted*.

@@ -1,4 +1,4 @@
-"""Filters along s (DESIGN.md §3)."""
+"""Filters along s (docs/design.md, "Reconstruction")."""
 import math
 
 import pytest

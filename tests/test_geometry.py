@@ -1,4 +1,4 @@
-"""Geometry (DESIGN.md §2): directions, frames, index-space maps, default sizes."""
+"""Geometry (docs/design.md, "Geometry"): directions, frames, index-space maps, default sizes."""
 import math
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_parse_directions_rejects(bad, msg):
 
 def test_default_sizes_cover_bounding_sphere():
     g = make_geometry((64, 64, 64))
-    assert (g.n_slices, g.height, g.width) == (111, 111, 111)  # PERFORMANCE.md's 64³ geometry
+    assert (g.n_slices, g.height, g.width) == (111, 111, 111)  # the 64³ geometry of docs/performance.md
     r = bounding_radius((64, 64, 64), (1.0, 1.0, 1.0))
     assert (g.n_slices - 1) / 2 * g.slice_spacing >= r - g.slice_spacing / 2
     g2 = make_geometry((20, 40, 40), spacing=(2.5, 0.8, 0.8))
@@ -84,7 +84,7 @@ def test_maps_are_inverse_of_each_other_and_match_physical_positions():
         idx = M[n] @ torch.tensor([k, i, j, 1.0], dtype=torch.float64)
         back = V[n] @ torch.cat([idx, torch.ones(1, dtype=torch.float64)])
         torch.testing.assert_close(back, torch.tensor([k, i, j], dtype=torch.float64))
-        # physical position of the pixel (DESIGN.md §2) against the voxel-centre formula
+        # physical position of the pixel (docs/design.md, "Geometry") against the voxel-centre formula
         u, v, nn = g.frames[n]
         s = (k - (g.n_slices - 1) / 2) * g.slice_spacing
         p = s * nn + (j - (g.width - 1) / 2) * g.pixel_spacing * u + (i - (g.height - 1) / 2) * g.pixel_spacing * v
@@ -113,3 +113,19 @@ def test_weights_default_and_mismatch():
 def test_make_geometry_rejects(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         make_geometry((8, 8, 8), **kw)
+
+
+def test_with_slices_is_a_range_of_the_stack():
+    """Slices k0 ≤ k < k1 of every stack (k beyond [0, S) too) as a geometry of their own: slice j is slice
+    k0 + j (the translation moved by k0 slice steps along the normal, the in-plane columns unchanged)."""
+    g = make_geometry((7, 8, 9), spacing=(1.5, 1.0, 0.8), n_directions=3, n_slices=5, slice_size=(6, 7))
+    M = g.slice_maps()
+    assert g.with_slices(0, 5) is g
+    for k0, k1 in ((0, 3), (1, 4), (-2, 1), (3, 8)):
+        part = g.with_slices(k0, k1)
+        assert part.n_slices == k1 - k0 and (part.height, part.width) == (g.height, g.width)
+        Mp = part.slice_maps()
+        torch.testing.assert_close(Mp[:, :, :3], M[:, :, :3], rtol=0, atol=1e-12)
+        torch.testing.assert_close(Mp[:, :, 3], M[:, :, 3] + k0 * M[:, :, 0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="must not be empty"):
+        g.with_slices(2, 2)

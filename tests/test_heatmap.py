@@ -1,4 +1,4 @@
-"""tomographic_heatmap end to end (DESIGN.md §6): the master identity and the API's conventions."""
+"""tomographic_heatmap end to end (docs/design.md, "Correctness"): the master identity and the API's conventions."""
 import math
 
 import pytest

@@ -1,6 +1,6 @@
-"""Streaming under a memory budget (DESIGN.md §5): the chunk tensors are bounded by ``max_memory``, results do
-not depend on the chunking, and the peak RSS of ``tomographic_cam`` does not grow with the number of
-directions."""
+"""Streaming under a memory budget (docs/design.md, "Streaming"): the chunk tensors are bounded by
+``max_memory``, results do not depend on the chunking, and the peak RSS of ``tomographic_cam`` does not grow
+with the number of directions."""
 import os
 import subprocess
 import sys

@@ -1,15 +1,14 @@
 """tonno_fast: fast, exact ToNNO (tomographic reconstruction of a neural network's output).
 
 Turn a 2D image encoder into a 3D heatmap: slice the volume at many orientations, score each slice, and
-invert the 3D Radon transform of the scores. See DESIGN.md for the maths and conventions:
+invert the 3D Radon transform of the scores. docs/design.md has the maths and conventions:
 volumes are ``(B, C, D, H, W)`` with axes z, y, x and spacing in mm.
 """
-from .backend import backends, BackendUnavailable
 from .filters import apply_filter
 from .geometry import Geometry, fibonacci_directions, make_geometry, parse_directions
 from .io import load_nifti, save_nifti
-from .ops import (affine_grid_sample, backproject, backproject_slices, filtered_backprojection, radon,
-                  slice_volume)
+from .ops import (BackendUnavailable, affine_grid_sample, backends, backproject, backproject_slices,
+                  filtered_backprojection, radon, slice_volume)
 from .pipeline import encode_slices, tomographic_heatmap
 from .encoder import Encoder
 from .cam import averaged_cam, slicewise_cam, tomographic_cam
@@ -25,7 +24,7 @@ __all__ = [
     "load_nifti", "save_nifti", "backends", "BackendUnavailable",
 ]
 
-# Weak supervision and evaluation (issue 7): training slices, a BCE helper, Dice/IoU and thresholds.
+# Weak supervision and evaluation: training slices, a BCE helper, Dice/IoU and thresholds.
 from .sampler import ObliqueSliceSampler, SliceBatch, sample_directions
 from .training import evaluate_encoder, train_encoder
 from .evaluation import dice, evaluate_heatmap, evaluate_heatmaps, iou, threshold_sweep

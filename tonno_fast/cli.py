@@ -258,59 +258,44 @@ def _median_time(fn: Callable, repeats: int, sync: Callable) -> float:
 def cmd_bench(args) -> int:
     import torch
 
-    from . import ops
-    from .backend import backends
-    from .geometry import make_geometry
+    from .ops import backends
+    from .ops.problems import make_problems
+    from .ops.registry import get_backend
 
     device = _resolve_device(args.device)
     avail = [name for name, state in backends().items() if state == "available"]
-    if device == "cpu":
-        usable = [b for b in avail if b in ("reference", "cpu")]
-    else:
-        usable = [b for b in avail if b in ("reference", "cuda", "triton")]
+    usable = [b for b in avail if b in (("reference", "cpu") if device == "cpu" else ("reference", "cuda", "triton"))]
     n = args.size
     if n < 4:
         raise CLIError(f"--size must be at least 4, got {n}")
-    g = torch.Generator().manual_seed(0)
-    vol = torch.rand(1, 1, n, n, n, generator=g).to(device)
-    geom = make_geometry((n, n, n), n_directions=args.directions)
-    N, S, h, w = geom.n_directions, geom.n_slices, geom.height, geom.width
-    sino = torch.rand(1, 1, N, S, generator=g).to(device)
-    stacks = torch.rand(1, 1, N, S, h, w, generator=g).to(device)
-    theta = torch.eye(3, 4).repeat(4, 1, 1)
-    theta[:, :3, :3] += 0.1 * torch.randn(4, 3, 3, generator=g)
-    theta = theta.to(device)
-    vol4 = vol.expand(4, 1, n, n, n).contiguous()
-    samples = N * S * h * w
-    cases = [
-        ("slice_volume", lambda be: ops.slice_volume(vol, geom, backend=be), samples, "samples"),
-        ("radon", lambda be: ops.radon(vol, geom, backend=be), samples, "samples"),
-        ("backproject", lambda be: ops.backproject(sino, geom, backend=be), N * n ** 3, "updates"),
-        ("backproject_slices", lambda be: ops.backproject_slices(stacks, geom, backend=be), N * n ** 3, "updates"),
-        ("affine_grid_sample", lambda be: ops.affine_grid_sample(vol4, theta, [4, 1, n, n, n], backend=be),
-         4 * n ** 3, "samples"),
-    ]
+    # The operators' benchmark problems (tonno_fast/ops/problems.py) at the size asked for: default slicing of
+    # an n³ volume, the CAM stacks of the same directions, 4 volumes for affine_grid_sample.
+    problems = make_problems(n, args.directions, stack_directions=args.directions, affine_batch=4)
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
-    print(f"tonno-fast bench on {device} ({torch.get_num_threads()} threads): volume {n}³, {N} directions, "
-          f"{S} slices of {h}×{w}; median of {args.repeats} runs (time.perf_counter)")
+    g = problems[0]
+    print(f"tonno-fast bench on {device} ({torch.get_num_threads()} threads): volume {n}³, {args.directions} "
+          f"directions ({g.label}); median of {args.repeats} runs (time.perf_counter)")
     print(f"backends: {', '.join(usable)}" + (f" (unavailable here: {', '.join(sorted(set(backends()) - set(avail)))})"
                                             if set(backends()) - set(avail) else ""))
     print()
     print(f"| {'op':<20} | {'backend':<9} | {'median ms':>10} | {'throughput':>19} | {'vs reference':>12} |")
     print(f"|{'-' * 22}|{'-' * 11}|{'-' * 12}|{'-' * 21}|{'-' * 14}|")
-    for name, fn, work, unit in cases:
+    for problem in problems:
+        inputs = problem.make_inputs(torch.device(device))
         ref = None
-        for be in usable:
+        for name in usable:
+            be = get_backend(name, device)
             try:
-                t = _median_time(lambda: fn(be), args.repeats, sync)
+                t = _median_time(lambda: problem.call(be, inputs), args.repeats, sync)
             except Exception as exc:  # one failing backend must not hide the others
-                print(f"| {name:<20} | {be:<9} | {'failed':>10} | {type(exc).__name__:>19} | {'':>12} |")
+                print(f"| {problem.op:<20} | {name:<9} | {'failed':>10} | {type(exc).__name__:>19} | {'':>12} |")
                 continue
-            if be == "reference":
+            if name == "reference":
                 ref = t
-            speed = f"{ref / t:.1f}x" if ref is not None and be != "reference" else ("1.0x" if be == "reference" else "-")
-            rate = f"{work / t / 1e9:.3f} G {unit}/s"
-            print(f"| {name:<20} | {be:<9} | {t * 1e3:>10.2f} | {rate:>19} | {speed:>12} |")
+            speed = f"{ref / t:.1f}x" if ref is not None and name != "reference" else ("1.0x" if name == "reference"
+                                                                                     else "-")
+            rate = f"{problem.work / t / 1e9:.3f} G {problem.unit}/s"
+            print(f"| {problem.op:<20} | {name:<9} | {t * 1e3:>10.2f} | {rate:>19} | {speed:>12} |")
     sys.stdout.flush()
     return 0
 

@@ -1,4 +1,4 @@
-"""Wrap any 2D classifier so the pipelines can feed it slices (DESIGN.md §1, §5).
+"""Wrap any 2D classifier so the pipelines can feed it slices (docs/design.md, "The method", "Streaming").
 
 :class:`Encoder` holds everything between "a slice of the volume" and "the model's scores":
 
@@ -308,12 +308,6 @@ class Encoder:
         return out
 
     __call__ = scores
-
-    def probe_outputs(self, channels: int, height: int, width: int, dtype=torch.float32,
-                      device="cpu") -> int:
-        """Number ``K`` of selected outputs, found by scoring one blank slice ``(1, channels, h, w)``."""
-        blank = torch.zeros(1, channels, height, width, dtype=dtype, device=device)
-        return int(self.scores(blank).shape[1])
 
 
 def as_encoder(encoder, *, batch_size: Optional[int] = None) -> Encoder:

@@ -1,6 +1,6 @@
 """Slicing geometry: directions, in-plane frames, offsets, slice sizes and index-space maps.
 
-This is the only module that knows about frames and millimetres (DESIGN.md §2). Every backend
+This is the only module that knows about frames and millimetres (docs/design.md, "Geometry"). Every backend
 receives the geometry already reduced to *index-space affine maps*, so kernels never recompute a frame:
 
 * ``slice_maps`` ``(N, 3, 4)``: continuous volume index ``(d, h, w) = M[n] @ (k, i, j, 1)`` of pixel
@@ -25,7 +25,7 @@ Conventions (all lengths in mm):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -169,7 +169,7 @@ def bounding_radius(volume_shape: Sequence[int], spacing: Sequence[float]) -> fl
 def _covering_count(radius: float, step: float) -> int:
     """Smallest odd count of samples, ``step`` apart and centred on 0, whose cells cover ``[-radius, radius]``.
 
-    Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111 (PERFORMANCE.md).
+    Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111.
     """
     return 2 * max(0, math.ceil(radius / step - 0.5)) + 1
 
@@ -273,11 +273,24 @@ class Geometry:
         return Geometry(self.volume_shape, self.spacing, self.frames[index], self.weights[index],
                         self.n_slices, self.height, self.width, self.pixel_spacing, self.slice_spacing)
 
+    def with_slices(self, k0: int, k1: int) -> "Geometry":
+        """Slices ``k0 ≤ k < k1`` of every stack, as a geometry of ``k1 - k0`` slices whose slice ``j`` is slice
+        ``k0 + j`` here (for chunking). ``k`` may lie outside ``[0, S)``: the parallel planes ``Δs`` further
+        out, e.g. the context slices beyond the ends of a stack. The stacks are moved along their normals
+        (:func:`shift_offsets`) by the offset of the range's centre."""
+        if (k0, k1) == (0, self.n_slices):
+            return self
+        if k1 <= k0:
+            raise ValueError(f"a slice range k0 <= k < k1 must not be empty, got k0 = {k0}, k1 = {k1}")
+        shift = ((k0 + k1 - 1) / 2 - (self.n_slices - 1) / 2) * self.slice_spacing
+        return shift_offsets(replace(self, n_slices=k1 - k0),
+                             torch.full((self.n_directions,), shift, dtype=torch.float64))
+
 
 def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: int = 64, directions=None,
                   weights=None, slice_size=None, pixel_spacing=None, slice_spacing=None,
                   n_slices=None) -> Geometry:
-    """Build a :class:`Geometry` with the defaults of DESIGN.md §2.
+    """Build a :class:`Geometry` with the defaults of docs/design.md, "Geometry".
 
     Args:
         volume_shape: ``(D, H, W)``.
@@ -408,4 +421,53 @@ def shift_offsets(geometry: Geometry, shifts) -> ShiftedGeometry:
                            geometry.slice_spacing, s)
 
 
-__all__ += ["rotate_frames_in_plane", "ShiftedGeometry", "shift_offsets"]
+# ---------------------------------------------------------------------------------------------------------
+# affine_grid_sample's theta as index-space maps.
+
+def _affine_fold(in_shape: Sequence[int], out_shape: Sequence[int], align_corners: bool, device):
+    """The linear fold of ``F.affine_grid`` and ``grid_sample``'s coordinate conventions around ``theta``:
+    ``(K, offset)`` with ``M[i, j] = Σ_rc K[i, j, r, c] θ[r, c] + offset[i, j]`` (float64, on ``device``).
+
+    ``M = P θ A + offset``: ``A`` (4×4) takes the output index ``(d, h, w, 1)`` to normalised ``(x, y, z, 1)`` as
+    ``affine_grid`` builds its base grid (x along W; ``linspace(-1, 1)`` shrunk by ``(n-1)/n`` without
+    ``align_corners``; a size-1 axis at 0); ``P`` (3×3) and ``offset`` take normalised ``(x, y, z)`` to the input
+    index ``(d, h, w)`` as ``grid_sample`` unnormalises. ``K[i, j, r, c] = P[i, r] A[c, j]``."""
+    A = [[0.0] * 4 for _ in range(4)]
+    P = [[0.0] * 3 for _ in range(3)]
+    offset = [[0.0] * 4 for _ in range(3)]
+    for ax in range(3):  # 0 = D (z), 1 = H (y), 2 = W (x)
+        row = 2 - ax  # row of (x, y, z) for this axis
+        n_out, n_in = int(out_shape[ax]), int(in_shape[ax])
+        if n_out > 1:
+            A[row][ax], A[row][3] = (2.0 / (n_out - 1), -1.0) if align_corners else (2.0 / n_out, 1.0 / n_out - 1.0)
+        P[ax][row] = (n_in - 1) / 2.0 if align_corners else n_in / 2.0
+        offset[ax][3] = (n_in - 1) / 2.0
+    A[3][3] = 1.0
+    A_, P_ = torch.tensor(A, dtype=torch.float64), torch.tensor(P, dtype=torch.float64)
+    # Broadcast products, not matmul: on a GPU matmul goes through cuBLAS, which
+    # torch.use_deterministic_algorithms(True) refuses without CUBLAS_WORKSPACE_CONFIG.
+    K = P_.reshape(3, 1, 3, 1) * A_.T.reshape(1, 4, 1, 4)
+    return K.to(device), torch.tensor(offset, dtype=torch.float64, device=device)
+
+
+def affine_theta_maps(theta: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int],
+                      align_corners: bool) -> torch.Tensor:
+    """``F.affine_grid`` ``theta`` ``(N, 3, 4)`` (normalised coordinates, rows x, y, z) → index-space maps
+    ``(N, 3, 4)``: ``grid_sample(volume, affine_grid(theta, size, align_corners), align_corners=...)`` reads
+    ``volume[n]`` at input index ``(d, h, w) = M[n] @ (d_o, h_o, w_o, 1)``. ``in_shape`` and ``out_shape`` are
+    the ``(D, H, W)`` of the volume and of the output. Computed in float64, returned in ``theta``'s dtype,
+    contiguous; differentiable."""
+    K, offset = _affine_fold(in_shape, out_shape, align_corners, theta.device)
+    M = (theta.to(torch.float64).reshape(-1, 1, 1, 3, 4) * K).sum((3, 4)) + offset
+    return M.to(theta.dtype).contiguous()
+
+
+def affine_theta_grad(maps_grad: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int],
+                      align_corners: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient with respect to ``theta`` ``(N, 3, 4)`` from the gradient with respect to the maps of
+    :func:`affine_theta_maps` (the transpose of its linear fold), in ``dtype``."""
+    K, _ = _affine_fold(in_shape, out_shape, align_corners, maps_grad.device)
+    return (maps_grad.to(torch.float64).reshape(-1, 3, 4, 1, 1) * K).sum((1, 2)).to(dtype)
+
+
+__all__ += ["rotate_frames_in_plane", "ShiftedGeometry", "shift_offsets", "affine_theta_maps", "affine_theta_grad"]

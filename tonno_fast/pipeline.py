@@ -1,9 +1,9 @@
 """ToNNO end to end: slice a volume, score every slice with a 2D encoder, invert the Radon transform.
 
 All pipelines (ToNNO scores here, Averaged/Tomographic/slice-wise CAM in :mod:`tonno_fast.cam.pipelines`) run
-through ONE streaming loop, :func:`stream` (DESIGN.md §5). It walks the directions in *chunks*; within a chunk
-it makes the slices of a few directions (or of a range of slices of one direction) at a time, sends them
-through the encoder in batches of ``batch_size``, writes the per-slice results (scores ``(K,)`` or CAMs
+through ONE streaming loop, :func:`encode_chunks` (docs/design.md, "Streaming"). It walks the directions in
+*chunks*; within a chunk it makes the slices of a few directions (or of a range of slices of one direction) at a
+time, sends them through the encoder in batches of ``batch_size``, writes the per-slice results (scores ``(K,)`` or CAMs
 ``(K, h, w)``) into the chunk's buffer ``(B, K, n, S, ...)`` and hands the full buffer to a ``finish``
 callback (store the scores; or filter and backproject the CAM stacks into an accumulator), then frees it.
 
@@ -18,9 +18,9 @@ activations for one batch (``batch_size``), and the backend's own temporaries (t
 coordinate grids, ≤ 256 MiB). A CAM buffer always holds at least one whole direction (``K × S × h × w``),
 because the filter and the trilinear backprojection need every slice of a stack.
 
-Slice ranges of a direction are made with the geometry's own index-space maps shifted along the slice
-index (``k → k + k0`` is a change of the translation column of the map, not new geometry), which is also
-how the context slices at ``k ± step`` beyond the ends of a stack are obtained.
+Slice ranges of a direction are the geometry's own stacks moved along their normals
+(:meth:`~tonno_fast.geometry.Geometry.with_slices`), which is also how the context slices at ``k ± step`` beyond
+the ends of a stack are obtained.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backend import get_backend
 from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
+from .ops import slice_volume
 from .reconstruction import check_reconstruction, reconstruct
 from .validation import as_volume5d, finite_float
 
-__all__ = ["tomographic_heatmap", "encode_slices", "stream", "HeatmapResult",
-           "GeometrySlicer", "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size"]
+__all__ = ["tomographic_heatmap", "encode_slices", "encode_chunks", "HeatmapResult", "GeometrySlicer",
+           "AxialSlicer", "DEFAULT_MAX_MEMORY", "resolve_batch_size", "resolve_max_memory", "resolve_slice_size"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # 1 GiB: a few directions of CAM stacks of a 256³ volume
 DEFAULT_BATCH_SIZE = 256
@@ -52,7 +52,8 @@ def resolve_batch_size(batch_size: Optional[int], encoder: Encoder) -> int:
     return batch_size
 
 
-def _check_max_memory(max_memory) -> int:
+def resolve_max_memory(max_memory) -> int:
+    """``max_memory`` in bytes if given, else ``DEFAULT_MAX_MEMORY``."""
     if max_memory is None:
         return DEFAULT_MAX_MEMORY
     if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
@@ -71,19 +72,13 @@ class GeometrySlicer:
     def __init__(self, volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0, backend: str = "auto",
                  out_dtype: Optional[torch.dtype] = None):
         self.volume, self.geometry, self.fill, self.out_dtype = volume, geometry, float(fill), out_dtype
-        self.backend = get_backend(backend, volume.device)
-        self.maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
+        self.backend = backend
         self.n_directions, self.n_slices = geometry.n_directions, geometry.n_slices
         self.height, self.width = geometry.height, geometry.width
 
     def __call__(self, n0: int, n1: int, k0: int, k1: int) -> torch.Tensor:
-        maps = self.maps[n0:n1]
-        if k0 != 0:
-            # (d, h, w) = M @ (k0 + k', i, j, 1): shift the translation column by k0 times the k column.
-            maps = maps.clone()
-            maps[:, :, 3] += k0 * maps[:, :, 0]
-        return self.backend.slice_volume(self.volume, maps, k1 - k0, self.height, self.width, self.fill,
-                                         self.out_dtype)
+        part = self.geometry.with_directions(slice(n0, n1)).with_slices(k0, k1)
+        return slice_volume(self.volume, part, fill=self.fill, out_dtype=self.out_dtype, backend=self.backend)
 
 
 class AxialSlicer:
@@ -142,11 +137,11 @@ class _Timer:
         return _Ctx()
 
 
-def stream(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Tensor],
-           finish: Callable[[int, int, torch.Tensor], None], *, stats=None, batch_size: int = DEFAULT_BATCH_SIZE,
-           max_memory: Optional[int] = None, held_bytes_per_direction: int = 0,
-           buffer_dtype: torch.dtype = torch.float32, progress: bool = False,
-           timings: Optional[Dict[str, float]] = None, timer: Optional[_Timer] = None) -> None:
+def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Tensor],
+                  finish: Callable[[int, int, torch.Tensor], None], *, stats=None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_memory: Optional[int] = None,
+                  held_bytes_per_direction: int = 0, buffer_dtype: torch.dtype = torch.float32,
+                  progress: bool = False, timings: Optional[Dict[str, float]] = None) -> None:
     """The one streaming loop of every pipeline (see the module docstring).
 
     Args:
@@ -163,7 +158,7 @@ def stream(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Ten
         held_bytes_per_direction: size of one direction of the chunk buffer (0 for scores).
         timings: if a dict, receives seconds spent in ``"slicing"``, ``"encoder"`` and ``"reconstruction"``.
     """
-    budget = _check_max_memory(max_memory)
+    budget = resolve_max_memory(max_memory)
     N, S, h, w = slicer.n_directions, slicer.n_slices, slicer.height, slicer.width
     vol = slicer.volume
     B, C = vol.shape[:2]
@@ -178,7 +173,7 @@ def stream(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Ten
         n_item, L = max(1, min(n_chunk, slice_budget // ((S + 2 * halo) * per_position))), S
     else:
         n_item, L = 1, max(1, slice_budget // per_position - 2 * halo)
-    timer = timer or _Timer(timings, [vol.device, encoder.device(vol.device)])
+    timer = _Timer(timings, [vol.device, encoder.device(vol.device)])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -209,10 +204,6 @@ def stream(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Ten
                                 bar.update(parts[-1].shape[0])
                         res = torch.cat(parts) if len(parts) > 1 else parts[0]
                     del x, flat, parts
-                    if K is None:
-                        K = res.shape[1]
-                    elif res.shape[1] != K:
-                        raise ValueError(f"encoder returned {res.shape[1]} outputs per slice, earlier {K}")
                     res = res.reshape(B, a1 - a0, k1 - k0, *res.shape[1:]).movedim(3, 1)  # (B,K,n,L,...)
                     if buffer is None:
                         buffer = torch.empty((B, K, n1 - n0, S) + tuple(res.shape[4:]), dtype=buffer_dtype,
@@ -235,7 +226,7 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     ``encoder``: an :class:`~tonno_fast.encoder.Encoder` (its window, z-score, context, channels, device and
     autocast apply) or any callable ``(M, C, h, w) → (M,)``/``(M, K)``, called under ``torch.no_grad()`` in
     batches of at most ``batch_size`` slices (default: the Encoder's, else 256). Scores come back in the
-    volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`stream`).
+    volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`encode_chunks`).
     """
     enc = as_encoder(encoder)
     batch_size = resolve_batch_size(batch_size, enc)
@@ -247,8 +238,8 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     def finish(n0, n1, buf):  # buf (B, K, n, S)
         sino[n0] = buf
 
-    stream(slicer, enc, enc.scores, finish, stats=stats, batch_size=batch_size, max_memory=max_memory,
-           buffer_dtype=volume.dtype, progress=progress, timings=timings)
+    encode_chunks(slicer, enc, enc.scores, finish, stats=stats, batch_size=batch_size, max_memory=max_memory,
+                  buffer_dtype=volume.dtype, progress=progress, timings=timings)
     return torch.cat([sino[n0] for n0 in sorted(sino)], dim=2)
 
 
@@ -260,7 +251,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
                         timings: Optional[Dict[str, float]] = None, reconstruction: str = "fbp",
                         reconstruction_options: Optional[Dict] = None, score_transform=None, score_baseline=None,
                         return_sinogram: bool = False):
-    """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (DESIGN.md §1, §3).
+    """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (docs/design.md, "The method", "Reconstruction").
 
     Args:
         volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype
@@ -285,7 +276,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
         progress: show a progress bar over the slices.
         fill: value read outside the volume.
         allow_nonfinite: accept NaN/inf voxels instead of raising.
-        max_memory: bytes of slices in flight (default 1 GiB; see :func:`stream`).
+        max_memory: bytes of slices in flight (default 1 GiB; see :func:`encode_chunks`).
         timings: if a dict, receives the seconds spent in ``"slicing"``, ``"encoder"`` and
             ``"reconstruction"`` (filter + backprojection, or the iterative solver).
         reconstruction: ``"fbp"`` (filtered backprojection with ``filter``/``window``, the default), or an
@@ -314,8 +305,8 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: int = 64, di
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
     enc = as_encoder(encoder)
     geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
-                             weights=weights, slice_size=_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
-                             slice_spacing=slice_spacing, n_slices=n_slices)
+                             weights=weights, slice_size=resolve_slice_size(slice_size, enc),
+                             pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
     scores = encode_slices(vol, geometry, enc, batch_size=batch_size, backend=backend, fill=fill,
                            progress=progress, max_memory=max_memory, timings=timings)
     timer = _Timer(timings, [vol.device])
@@ -342,7 +333,7 @@ class HeatmapResult(NamedTuple):
     geometry: Geometry
 
 
-def _slice_size(slice_size, encoder: Encoder):
+def resolve_slice_size(slice_size, encoder: Encoder):
     """The geometry's slice size: the user's, else the encoder's ``input_size``; both must agree."""
     if encoder.input_size is None:
         return slice_size

@@ -1,4 +1,4 @@
-"""Random oblique slices for weakly-supervised training of a 2D encoder (DESIGN.md §1).
+"""Random oblique slices for weakly-supervised training of a 2D encoder (docs/design.md, "The method").
 
 The encoder of ToNNO is trained on slices cut at random orientations through volumes that carry only a
 volume-level label; every slice inherits the label of its volume. :class:`ObliqueSliceSampler` draws such
@@ -125,7 +125,7 @@ class ObliqueSliceSampler:
         balance: pick volumes so that each label value (``labels`` of shape ``(V,)``) is equally likely.
         fill: value read outside the volume; ``out_dtype``: dtype of the slices (e.g. ``torch.bfloat16``).
         device: where volumes live and slices are cut (default: the first volume's device).
-        backend: operator backend (see :mod:`tonno_fast.backend`).
+        backend: operator backend (see :mod:`tonno_fast.ops.registry`).
         seed: seed of the sampler's own ``torch.Generator`` (reproducible batches).
     """
 

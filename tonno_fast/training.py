@@ -3,7 +3,7 @@
 Not a framework: one function that runs an optimiser on batches from an
 :class:`~tonno_fast.sampler.ObliqueSliceSampler` and one that measures slice-level accuracy and AUC. Every
 slice carries its volume's label, so the loss is BCE between the encoder's logit for the slice and that
-label (DESIGN.md §1). Bring any ``torch.optim`` optimiser (default: Adam).
+label (docs/design.md, "The method"). Bring any ``torch.optim`` optimiser (default: Adam).
 """
 from __future__ import annotations
 

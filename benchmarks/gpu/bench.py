@@ -1,12 +1,13 @@
 """GPU benchmark of the five tonno_fast operators: every available backend against the reference backend.
 
-Sizes are those of issue 4 / PERFORMANCE.md:
+The problems are the operators' benchmark problems (``tonno_fast/ops/problems.py``) at the sizes of the GPU
+targets (docs/performance.md):
 
 * ``slice_volume``: a 128³ float32 volume into 64 directions × 128 slices × 128² pixels (134 M samples),
   output in float32 and in bfloat16;
 * ``radon``: the same geometry, plane sums only (no slice is written);
 * ``backproject``: a 64 × 128 sinogram into 128³ (134 M updates);
-* ``backproject_slices``: 16 stacks (the geometry's S × h × w) into 64³;
+* ``backproject_slices``: 16 stacks (the default geometry of 64³) into 64³;
 * ``affine_grid_sample``: 4 volumes of 128³ resampled by 4 random rotations onto 128³ grids.
 
 Timing: CUDA events around each call, warm-up calls first, the median of several calls; each call reads
@@ -30,7 +31,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -39,34 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tonno_fast.geometry import make_geometry  # noqa: E402
-
-OPS = ("slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample")
-
-
-@dataclass
-class Problem:
-    """One benchmark case: what to allocate, what to call and how much work it is."""
-
-    op: str
-    label: str                      # e.g. "128³ → 64×128×128² bf16"
-    work: float                     # samples or updates
-    unit: str                       # "samples" or "updates"
-    in_bytes: float                 # compulsory input traffic (bytes) of one call
-    out_bytes: float                # output bytes of one call
-    make_inputs: Callable[[torch.device], dict] = field(repr=False)
-    call: Callable[[object, dict], torch.Tensor] = field(repr=False)
-
-
-def _rotations(n: int, dtype=torch.float32) -> torch.Tensor:
-    """``n`` random affine_grid thetas (N, 3, 4): rotations about z then y, no shift (fixed seed)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.rand(n, 2, generator=gen, dtype=torch.float64) * math.pi
-    cz, sz, cy, sy = torch.cos(a[:, 0]), torch.sin(a[:, 0]), torch.cos(a[:, 1]), torch.sin(a[:, 1])
-    z, o = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    rz = torch.stack([torch.stack([cz, -sz, z], -1), torch.stack([sz, cz, z], -1), torch.stack([z, z, o], -1)], -2)
-    ry = torch.stack([torch.stack([cy, z, sy], -1), torch.stack([z, o, z], -1), torch.stack([-sy, z, cy], -1)], -2)
-    return torch.cat([rz @ ry, torch.zeros(n, 3, 1, dtype=torch.float64)], -1).to(dtype)
+from tonno_fast.ops.problems import OPS, Problem, make_problems  # noqa: E402
 
 
 def build_problems(scale: float = 1.0, ops=OPS) -> List[Problem]:
@@ -75,58 +48,8 @@ def build_problems(scale: float = 1.0, ops=OPS) -> List[Problem]:
     def sz(n: int) -> int:
         return max(2, int(round(n * scale)))
 
-    f32 = 4
-    probs: List[Problem] = []
-    n_vol = sz(128)
-    g = make_geometry((n_vol,) * 3, n_directions=64, slice_size=sz(128), n_slices=sz(128), pixel_spacing=1.0)
-    N, S, h, w = g.n_directions, g.n_slices, g.height, g.width
-    samples = N * S * h * w
-    vol_bytes = n_vol ** 3 * f32
-    shape = f"{n_vol}³ → {N}×{S}×{h}×{w}"
-
-    def vol_inputs(dev):
-        return {"x": torch.rand(1, 1, n_vol, n_vol, n_vol, device=dev),
-                "maps": g.slice_maps(dtype=torch.float32, device=dev)}
-
-    if "slice_volume" in ops:
-        for odt, nbytes, tag in ((torch.float32, 4, "fp32"), (torch.bfloat16, 2, "bf16")):
-            probs.append(Problem(
-                "slice_volume", f"{shape} {tag}", samples, "samples", vol_bytes, samples * nbytes, vol_inputs,
-                lambda be, a, odt=odt: be.slice_volume(a["x"], a["maps"], S, h, w, 0.0, odt)))
-    if "radon" in ops:
-        probs.append(Problem(
-            "radon", shape, samples, "samples", vol_bytes, N * S * f32, vol_inputs,
-            lambda be, a: be.radon(a["x"], a["maps"], S, h, w, g.pixel_area)))
-    if "backproject" in ops:
-        def bp_inputs(dev):
-            return {"x": torch.randn(1, 1, N, S, device=dev), "maps": g.volume_maps(dtype=torch.float32, device=dev),
-                    "w": g.weights.to(device=dev, dtype=torch.float32)}
-        probs.append(Problem(
-            "backproject", f"{N}×{S} → {n_vol}³", N * n_vol ** 3, "updates", N * S * f32, vol_bytes, bp_inputs,
-            lambda be, a: be.backproject(a["x"], a["maps"], a["w"], g.volume_shape)))
-    if "backproject_slices" in ops:
-        n_small = sz(64)
-        gs = make_geometry((n_small,) * 3, n_directions=16)
-        Ns, Ss, hs, ws = gs.n_directions, gs.n_slices, gs.height, gs.width
-
-        def bps_inputs(dev):
-            return {"x": torch.randn(1, 1, Ns, Ss, hs, ws, device=dev),
-                    "maps": gs.volume_maps(dtype=torch.float32, device=dev),
-                    "w": gs.weights.to(device=dev, dtype=torch.float32)}
-        probs.append(Problem(
-            "backproject_slices", f"{Ns}×{Ss}×{hs}×{ws} → {n_small}³", Ns * n_small ** 3, "updates",
-            Ns * Ss * hs * ws * f32, n_small ** 3 * f32, bps_inputs,
-            lambda be, a: be.backproject_slices(a["x"], a["maps"], a["w"], gs.volume_shape)))
-    if "affine_grid_sample" in ops:
-        n_b, n_a = 4, sz(128)
-        size = [n_b, 1, n_a, n_a, n_a]
-
-        def aff_inputs(dev):
-            return {"x": torch.rand(n_b, 1, n_a, n_a, n_a, device=dev), "theta": _rotations(n_b).to(dev)}
-        probs.append(Problem(
-            "affine_grid_sample", f"{n_b}×{n_a}³ → {n_b}×{n_a}³", n_b * n_a ** 3, "samples", n_b * n_a ** 3 * f32,
-            n_b * n_a ** 3 * f32, aff_inputs, lambda be, a: be.affine_grid_sample(a["x"], a["theta"], size, False)))
-    return probs
+    return make_problems(sz(128), 64, slices=sz(128), stack_volume=sz(64), affine_batch=4,
+                         out_dtypes=(torch.float32, torch.bfloat16), ops=ops)
 
 
 class Timer:
@@ -165,7 +88,7 @@ class Timer:
 
 def available(device: torch.device, wanted: Optional[List[str]]) -> Dict[str, object]:
     """Backend modules to time: ``reference`` always; ``cuda``/``triton`` (GPU) or ``cpu`` when available."""
-    from tonno_fast.backend import backends as status, get_backend
+    from tonno_fast.ops.registry import backends as status, get_backend
 
     names = ["reference"] + (["cuda", "triton"] if device.type == "cuda" else ["cpu"])
     if wanted:

@@ -66,10 +66,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step build 300 "$PY" setup.py build_ext --inplace
 "$PY" -c "import tonno_fast._C as C; print('build_info:', C.build_info())" || FAILED+=("import")
 
-# 2. Tests on the GPU.
-TESTS=(tests/test_cuda_ops.py)
-[[ -f tests/test_triton_ops.py ]] && TESTS+=(tests/test_triton_ops.py)
-step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+# 2. Tests on the GPU: every op test of the CUDA and Triton implementations (tests/ops, marked cuda/triton).
+step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops -m "cuda or triton"
 grep -E "passed|failed|error|skipped" "$LOG/tests.log" | tail -n 1
 
 # 3. compute-sanitizer memcheck on a small case of every kernel.
@@ -89,7 +87,7 @@ MD=()
 step bench 200 "$PY" benchmarks/gpu/bench.py ${MD[@]+"${MD[@]}"} ${BENCH_ARGS:-} && cat "$LOG/bench.log"
 
 # 5. The three pipelines end to end with a ResNet-18 under bf16 autocast, split into slicing / encoder /
-#    reconstruction (issue 6).
+#    reconstruction.
 step pipelines 90 "$PY" benchmarks/test_bench_pipeline.py --device cuda --model resnet18 --autocast bf16 \
   && cat "$LOG/pipelines.log"
 

@@ -2,8 +2,9 @@
 
 Covers each op and its backward in float32 and float64, the 16-byte-store and the one-pixel-per-thread
 paths of slice_volume (bf16 and fp16 output too), fill != 0, slices partly outside the volume, B * C not a
-multiple of the kernels' channel groups, and backproject's global-memory fallback for long rows. It
-checks nothing numerically (tests/test_cuda_ops.py does); it exits 0 when every launch completed.
+multiple of the kernels' channel groups, and backproject's global-memory fallback for long rows; then every
+benchmark problem of tonno_fast/ops/problems.py at a small size, forward and backward (so an op is covered
+once it has a problem). It checks nothing numerically (tests/ops does); it exits 0 when every launch completed.
 Run: ``compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu/sanitize_ops.py``.
 """
 import os
@@ -13,12 +14,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import tonno_fast._C  # noqa: E402,F401  (registers the kernels)
 from tonno_fast.geometry import make_geometry  # noqa: E402
+from tonno_fast.ops.problems import make_problems  # noqa: E402
+from tonno_fast.ops.registry import get_backend  # noqa: E402
 
 
 def main() -> int:
     dev = torch.device("cuda")
+    be = get_backend("cuda", dev)  # loads tonno_fast._C and defines the ops
     ops = torch.ops.tonno_fast
     geoms = [make_geometry((5, 6, 7), spacing=(1.0, 1.3, 0.8), n_directions=3),            # odd widths
              make_geometry((6, 5, 4), n_directions=2, slice_size=(3, 16), n_slices=5)]       # vector stores
@@ -50,6 +53,10 @@ def main() -> int:
             ops.affine_grid_sample(avol, theta, [2, 3, 4, 1, 6], ac)
             ops.affine_grid_sample_backward(torch.randn(2, 3, 4, 1, 6, device=dev, dtype=dt), avol, theta, ac,
                                             True, True)
+    for problem in make_problems(12, 3, stack_volume=10, stack_directions=3, affine_batch=2):
+        inputs = problem.make_inputs(dev)
+        grads = [inputs[k].requires_grad_() for k in problem.differentiable]
+        torch.autograd.grad(problem.call(be, inputs).sum(), grads)
     torch.cuda.synchronize()
     print("sanitize_ops: every CUDA kernel ran")
     return 0

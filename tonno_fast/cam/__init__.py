@@ -1,4 +1,4 @@
-"""Class activation maps on slices and their 3D reconstructions (DESIGN.md §1).
+"""Class activation maps on slices and their 3D reconstructions (docs/design.md, "The method").
 
 * :mod:`.methods`: native GradCAM / LayerCAM in torch (hooks on ``target_layers``, batched, any device).
 * :mod:`.adapter`: any ``pytorch_grad_cam`` CAM object as a slice CAM method.

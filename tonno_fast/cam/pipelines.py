@@ -1,13 +1,14 @@
-"""Averaged CAM, Tomographic CAM and the slice-wise 2D baseline (DESIGN.md §1), streamed (§5).
+"""Averaged CAM, Tomographic CAM and the slice-wise 2D baseline (docs/design.md, "The method"), streamed
+("Streaming").
 
-For every chunk of directions the loop of :func:`tonno_fast.pipeline.stream` produces the CAM stacks
+For every chunk of directions the loop of :func:`tonno_fast.pipeline.encode_chunks` produces the CAM stacks
 ``(B, K, n, S, h, w)`` (one 2D CAM per slice, in each direction's own frame); they are then
 
 * **Averaged CAM**: backprojected with ``backproject_slices`` (trilinear in the stack) with weights
   ``w_k / Σ w`` — the weighted average over orientations (``reconstruction_scale("none", w)``);
 * **Tomographic CAM**: first filtered along the slice axis ``S`` with the reconstruction filter (the same
   ``apply_filter`` as the scores, with edge replication, applied as its exact ``S × S`` matrix, see
-  :func:`filter_matrix`), then backprojected with
+  :func:`tonno_fast.filters.filter_matrix`), then backprojected with
   ``reconstruction_scale(filter, w) = w_k / 4π²``, exactly as ToNNO treats a sinogram. With a CAM that is
   constant over each slice it *is* ToNNO.
 
@@ -23,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..encoder import Encoder, as_encoder
-from ..filters import apply_filter, check_filter, reconstruction_scale
+from ..filters import check_filter, filter_matrix, reconstruction_scale
 from ..geometry import make_geometry
 from ..ops import backproject_slices
-from ..pipeline import (AxialSlicer, GeometrySlicer, _check_max_memory, _slice_size, resolve_batch_size,
-                        stream)
+from ..pipeline import (AxialSlicer, GeometrySlicer, encode_chunks, resolve_batch_size, resolve_max_memory,
+                        resolve_slice_size)
 from ..validation import as_volume5d
 from .adapter import PytorchGradCAM, is_pytorch_grad_cam
 from .methods import CAM_METHODS, CAMMethod
@@ -114,19 +115,6 @@ def _normalize(out: torch.Tensor, how: Optional[str]) -> torch.Tensor:
     return flat.reshape(out.shape)
 
 
-def filter_matrix(filter: str, window: Optional[str], n_slices: int, slice_spacing: float, dtype=torch.float64,
-                  device=None) -> torch.Tensor:
-    """The reconstruction filter as an ``(S, S)`` matrix ``F`` with ``F @ g == apply_filter(g)`` along ``S``.
-
-    ``apply_filter`` is linear (edge replication, zero-padded FFT, crop), so its matrix is exactly the
-    filter applied to the unit impulses; it is built in float64 and cast. For CAM stacks ``(…, S, h·w)``
-    one matmul replaces moving ``S`` last, padding every pixel's row to ≥ 2S and two FFTs: measured 6× faster
-    for 64 stacks of 111 × 64² on the CPU, and it needs no work memory beyond its output.
-    """
-    rows = apply_filter(torch.eye(n_slices, dtype=torch.float64), filter, window, slice_spacing=slice_spacing)
-    return rows.T.contiguous().to(dtype=dtype, device=device)  # rows[j] = response to the impulse at j
-
-
 def _probe(compute, encoder: Encoder, slicer, dtype) -> int:
     """Number of CAMs per slice ``K``: the method run on one blank slice."""
     c = slicer.volume.shape[1] * (2 * encoder.context + 1)
@@ -155,7 +143,7 @@ class _Start(NamedTuple):
 def _start(volume, encoder, *, target_layers, method, targets, reshape_transform, normalize, batch_size,
            max_memory, allow_nonfinite) -> _Start:
     normalize = _check_normalize(normalize)
-    budget = _check_max_memory(max_memory)
+    budget = resolve_max_memory(max_memory)
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     enc = _cam_encoder(encoder, targets)
     bs = resolve_batch_size(batch_size, enc)
@@ -173,8 +161,8 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
         allow_nonfinite=allow_nonfinite)
     geometry = make_geometry(vol.shape[2:], spacing=spacing, n_directions=n_directions, directions=directions,
-                             weights=weights, slice_size=_slice_size(slice_size, enc), pixel_spacing=pixel_spacing,
-                             slice_spacing=slice_spacing, n_slices=n_slices)
+                             weights=weights, slice_size=resolve_slice_size(slice_size, enc),
+                             pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, n_slices=n_slices)
     prepared, fill, stats = enc.prepare_volume(vol, fill)
     slicer = GeometrySlicer(prepared, geometry, fill=fill, backend=backend, out_dtype=enc.slice_dtype)
 
@@ -201,9 +189,9 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
                                   backend=backend)
         acc.add_(part)
 
-    stream(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
-           held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype, progress=progress,
-           timings=timings)
+    encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
+                  held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype, progress=progress,
+                  timings=timings)
     return _finish_output(acc, vol.dtype, ndim, normalize)
 
 
@@ -213,8 +201,8 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
                  batch_size: Optional[int] = None, max_memory: Optional[int] = None, backend: str = "auto",
                  progress: bool = False, fill: float = 0.0, allow_nonfinite: bool = False,
                  timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """Averaged CAM (DESIGN.md §1): 2D CAMs of every oblique slice, mapped back into the volume and averaged
-    over orientations with weights ``w_k / Σ w``.
+    """Averaged CAM (docs/design.md, "The method"): 2D CAMs of every oblique slice, mapped back into the volume
+    and averaged over orientations with weights ``w_k / Σ w``.
 
     Args:
         volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x); any real dtype.
@@ -233,7 +221,7 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
         normalize: ``None`` (raw CAM values), ``"minmax"`` or ``"max"``, per volume and target.
         batch_size: slices per encoder call (default: the Encoder's, else 256).
         max_memory: bytes for slices, CAM stacks and filter work (default 1 GiB; see
-            :func:`tonno_fast.pipeline.stream`); peak memory does not grow with the number of directions.
+            :func:`tonno_fast.pipeline.encode_chunks`); peak memory does not grow with the number of directions.
         backend: backend of the slicing and backprojection ops.
         progress: progress bar over the slices.
         fill: value read outside the volume (before the Encoder's window).
@@ -261,10 +249,11 @@ def tomographic_cam(volume, encoder, *, target_layers=None, method="layercam", f
                     max_memory: Optional[int] = None, backend: str = "auto", progress: bool = False,
                     fill: float = 0.0, allow_nonfinite: bool = False,
                     timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """Tomographic CAM (DESIGN.md §1): every orientation's CAM stack is filtered along the slice normal with
-    the reconstruction ``filter`` (and ``window``) and backprojected with the quadrature weights ``w_k / 4π²``
-    — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice it equals
-    :func:`tonno_fast.tomographic_heatmap` with those scores. ``filter="none"`` is :func:`averaged_cam`.
+    """Tomographic CAM (docs/design.md, "The method"): every orientation's CAM stack is filtered along the slice
+    normal with the reconstruction ``filter`` (and ``window``) and backprojected with the quadrature weights
+    ``w_k / 4π²`` — ToNNO with per-pixel maps instead of per-slice scores. With a CAM constant over each slice
+    it equals :func:`tonno_fast.tomographic_heatmap` with those scores. ``filter="none"`` is
+    :func:`averaged_cam`.
 
     Arguments and return value as :func:`averaged_cam`, plus ``filter`` (``"ramp2"``, ``"laplacian"``,
     ``"ramp"``, ``"none"``) and ``window`` (``None``, ``"shepp-logan"``, ``"cosine"``, ``"hamming"``,
@@ -295,7 +284,7 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
         allow_nonfinite=allow_nonfinite)
-    size = _slice_size(slice_size, enc)
+    size = resolve_slice_size(slice_size, enc)
     if isinstance(size, int):
         size = (size, size)
     prepared, fill, stats = enc.prepare_volume(vol, fill)
@@ -312,7 +301,7 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
                                  align_corners=False).reshape(B, K, D, H, W)
         out["cam"] = maps
 
-    stream(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
-           held_bytes_per_direction=B * K * D * slicer.height * slicer.width * vol.element_size(),
-           buffer_dtype=vol.dtype, progress=progress, timings=timings)
+    encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
+                  held_bytes_per_direction=B * K * D * slicer.height * slicer.width * vol.element_size(),
+                  buffer_dtype=vol.dtype, progress=progress, timings=timings)
     return _finish_output(out["cam"], vol.dtype, ndim, normalize)

@@ -174,7 +174,7 @@ TF_HD Acc trilinear_with_grad(const T* a, int64_t n0, int64_t n1, int64_t n2, in
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Additions for the fused CPU kernels (issue 3). Appended, existing functions unchanged.
+// Helpers of the fused CPU kernels.
 
 // Integer range [first, last) of t in [0, n) that contains every t for which the interval
 // [amin + t*b, amax + t*b] meets the open interval (lo, hi); a superset (widened by a margin that absorbs

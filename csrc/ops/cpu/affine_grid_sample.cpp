@@ -1,31 +1,16 @@
-// CPU kernels of tonno_fast::affine_grid_sample and tonno_fast::affine_grid_sample_backward.
+// CPU kernels of tonno_fast::affine_sample and tonno_fast::affine_sample_backward, on which
+// tonno_fast::affine_grid_sample is built (tonno_fast/ops/native.py folds its theta into the maps).
 //
-//   affine_grid_sample(volume (N,C,D,H,W), theta (N,3,4), size [N,C,Do,Ho,Wo], align_corners) equals
-//     F.grid_sample(volume, F.affine_grid(theta, size, align_corners), mode="bilinear",
-//                   padding_mode="zeros", align_corners=align_corners)
-//   without the grid: theta (normalised coordinates) is turned into an index-space 3x4 map per batch item
-//   (input index (d,h,w) = M[n] @ (output index (d,h,w), 1); tonno_fast/affine_theta.h, shared with CUDA)
-//   and the output is sampled like slice_volume.
-//   Backward: volume gradient = the slice_volume adjoint scatter; theta gradient = chain rule through the
-//   (linear) theta -> M conversion of the map gradient dL/dM, which the kernel computes with
-//   maths::trilinear_with_grad.
+//   affine_sample(volume (N,C,D,H,W), maps (N,3,4), size [N,C,Do,Ho,Wo]) -> (N,C,Do,Ho,Wo): output point
+//     (d,h,w) of batch item n reads volume[n] at the index M[n] @ (d,h,w,1), trilinear, zero padding; sampled
+//     like slice_volume.
+//   affine_sample_backward -> (volume gradient: the slice_volume adjoint scatter; map gradient dL/dM (N,3,4),
+//     float64, computed with maths::trilinear_with_grad).
 #include "common.h"
-#include "tonno_fast/affine_theta.h"
 
 namespace tonno_fast {
 namespace cpu {
 namespace {
-
-using affine::conversion;
-using affine::theta_to_maps;
-
-void check_inputs(const at::Tensor& volume, const at::Tensor& theta) {
-  check_input(volume, 5, "volume", "(N, C, D, H, W)");
-  TORCH_CHECK(theta.dim() == 3 && theta.size(0) == volume.size(0) && theta.size(1) == 3 && theta.size(2) == 4,
-              "tonno_fast: theta must have shape (N, 3, 4) with N = volume.size(0) = ", volume.size(0), ", got ",
-              theta.sizes());
-  check_like(theta, volume, "theta", "volume");
-}
 
 template <typename T>
 void affine_sample_kernel(const T* vol, const T* maps, int64_t N, int64_t C, int64_t D, int64_t H, int64_t W,
@@ -108,20 +93,12 @@ void affine_map_grad_kernel(const T* grad, const T* vol, const T* maps, int64_t 
   });
 }
 
-at::Tensor affine_grid_sample_cpu(const at::Tensor& volume, const at::Tensor& theta, at::IntArrayRef size,
-                                  bool align_corners) {
-  check_inputs(volume, theta);
-  TORCH_CHECK(size.size() == 5 && size[0] == volume.size(0) && size[1] == volume.size(1),
-              "tonno_fast: size must be [N, C, D_out, H_out, W_out] with N, C = ", volume.size(0), ", ",
-              volume.size(1), " (those of volume), got ", size);
-  for (int i = 2; i < 5; ++i) {
-    TORCH_CHECK(size[i] > 0, "tonno_fast: size must have positive D_out, H_out, W_out, got ", size);
-  }
-  const at::Tensor vol = volume.contiguous();
-  const at::Tensor maps = theta_to_maps(theta, conversion(vol.sizes().slice(2), size.slice(2), align_corners));
+at::Tensor affine_sample_cpu(const at::Tensor& volume, const at::Tensor& maps_in, at::IntArrayRef size) {
+  checks::check_affine_sample(at::kCPU, volume, maps_in, size);
+  const at::Tensor vol = volume.contiguous(), maps = maps_in.contiguous();
   const int64_t N = vol.size(0), C = vol.size(1);
   at::Tensor out = at::empty({N, C, size[2], size[3], size[4]}, vol.options());
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::affine_grid_sample", [&] {
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::affine_sample", [&] {
     affine_sample_kernel<scalar_t>(vol.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), N, C,
                                    vol.size(2), vol.size(3), vol.size(4), size[2], size[3], size[4],
                                    out.mutable_data_ptr<scalar_t>());
@@ -129,23 +106,16 @@ at::Tensor affine_grid_sample_cpu(const at::Tensor& volume, const at::Tensor& th
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& volume,
-                                                                   const at::Tensor& theta, bool align_corners,
-                                                                   bool volume_grad, bool theta_grad) {
-  check_inputs(volume, theta);
-  check_input(grad, 5, "grad", "(N, C, D_out, H_out, W_out)");
-  check_like(grad, volume, "grad", "volume");
-  TORCH_CHECK(grad.size(0) == volume.size(0) && grad.size(1) == volume.size(1),
-              "tonno_fast: grad must have the N, C of volume (", volume.size(0), ", ", volume.size(1), "), got ",
-              grad.sizes());
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor vol = volume.contiguous();
-  const auto cv = conversion(vol.sizes().slice(2), g.sizes().slice(2), align_corners);
-  const at::Tensor maps = theta_to_maps(theta, cv);
+std::tuple<at::Tensor, at::Tensor> affine_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& volume,
+                                                              const at::Tensor& maps_in, bool volume_grad,
+                                                              bool maps_grad) {
+  checks::check_affine_sample_backward(at::kCPU, grad, volume, maps_in);
+  const at::Tensor g = grad.contiguous(), vol = volume.contiguous(), maps = maps_in.contiguous();
   const int64_t N = vol.size(0), C = vol.size(1), D = vol.size(2), H = vol.size(3), W = vol.size(4);
   const int64_t Do = g.size(2), Ho = g.size(3), Wo = g.size(4);
-  at::Tensor gvol = at::empty({0}, vol.options()), gtheta = at::empty({0}, vol.options());
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::affine_grid_sample_backward", [&] {
+  // A gradient not asked for is an empty tensor.
+  at::Tensor gvol = at::empty({0}, vol.options()), gmaps = at::empty({0}, vol.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::affine_sample_backward", [&] {
     using T = scalar_t;
     const T* gp = g.const_data_ptr<T>();
     const int64_t O = Do * Ho * Wo;
@@ -157,29 +127,25 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
           [&](int64_t n) { return n * C; },
           [&](int64_t n, int64_t c, int64_t a, int64_t b, int64_t k) { return gp[(n * C + c) * O + (a * Ho + b) * Wo + k]; });
     }
-    if (theta_grad) {
+    if (maps_grad) {
       at::Tensor partial = at::empty({N, Do, 3, 4}, vol.options().dtype(at::kDouble));
       affine_map_grad_kernel<T>(gp, vol.const_data_ptr<T>(), maps.const_data_ptr<T>(), N, C, D, H, W, Do, Ho, Wo,
                                 partial.mutable_data_ptr<double>());
       // Sum the plane partials in plane order (not at::sum, whose order may depend on the thread count).
-      at::Tensor gmaps = at::zeros({N, 3, 4}, partial.options());
+      gmaps = at::zeros({N, 3, 4}, partial.options());
       const double* pp = partial.const_data_ptr<double>();
       double* gm = gmaps.mutable_data_ptr<double>();
       for (int64_t n = 0; n < N; ++n)
         for (int64_t d = 0; d < Do; ++d)
           for (int64_t e = 0; e < 12; ++e) gm[n * 12 + e] += pp[(n * Do + d) * 12 + e];
-      gtheta = affine::maps_grad_to_theta_grad(gmaps, cv, vol.scalar_type());
     }
   });
-  return {gvol, gtheta};
+  return {gvol, gmaps};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("affine_grid_sample", &affine_grid_sample_cpu);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, affine_sample, affine_sample_cpu, affine_sample_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

@@ -245,17 +245,14 @@ void backproject_backward_kernel(const T* grad, const T* maps, const T* weights,
 
 at::Tensor backproject_cpu(const at::Tensor& sinogram, const at::Tensor& maps, const at::Tensor& weights,
                            at::IntArrayRef volume_shape) {
-  check_input(sinogram, 4, "sinogram", "(B, K, N, S)");
-  const at::Tensor m = check_maps(maps, sinogram, "sinogram");
-  check_directions(sinogram, 2, m.size(0), "sinogram", "(B, K, N, S)");
-  const at::Tensor w = check_weights(weights, m.size(0), sinogram, "sinogram");
-  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
-  const at::Tensor s = sinogram.contiguous();
+  checks::check_backproject(at::kCPU, sinogram, "sinogram", 4, "(B, K, N, S)", maps, weights, volume_shape);
+  const at::Tensor s = sinogram.contiguous(), m = maps.contiguous(), w = weights.contiguous();
   const int64_t B = s.size(0), K = s.size(1), N = s.size(2), S = s.size(3);
-  at::Tensor out = at::empty({B, K, shp[0], shp[1], shp[2]}, s.options());
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
+  at::Tensor out = at::empty({B, K, D, H, W}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tonno_fast::backproject", [&] {
     backproject_kernel<scalar_t>(s.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
-                                 w.const_data_ptr<scalar_t>(), B * K, N, S, shp[0], shp[1], shp[2],
+                                 w.const_data_ptr<scalar_t>(), B * K, N, S, D, H, W,
                                  out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -263,12 +260,10 @@ at::Tensor backproject_cpu(const at::Tensor& sinogram, const at::Tensor& maps, c
 
 at::Tensor backproject_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& weights,
                                     int64_t n_slices) {
-  check_input(grad, 5, "grad", "(B, K, D, H, W)");
-  const at::Tensor m = check_maps(maps, grad, "grad");
-  const at::Tensor w = check_weights(weights, m.size(0), grad, "grad");
-  check_positive(n_slices, "n_slices");
-  const at::Tensor g = grad.contiguous();
-  const int64_t B = g.size(0), K = g.size(1), N = m.size(0);
+  const int64_t N = checks::check_backproject_backward(at::kCPU, grad, maps, weights);
+  checks::check_positive(n_slices, "n_slices");
+  const at::Tensor g = grad.contiguous(), m = maps.contiguous(), w = weights.contiguous();
+  const int64_t B = g.size(0), K = g.size(1);
   at::Tensor out = at::empty({B, K, N, n_slices}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::backproject_backward", [&] {
     backproject_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
@@ -280,10 +275,7 @@ at::Tensor backproject_backward_cpu(const at::Tensor& grad, const at::Tensor& ma
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("backproject", &backproject_cpu);
-  m.impl("backproject_backward", &backproject_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, backproject, backproject_cpu, backproject_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

@@ -88,30 +88,25 @@ void backproject_slices_backward_kernel(const T* grad, const T* maps, const T* w
 
 at::Tensor backproject_slices_cpu(const at::Tensor& stacks, const at::Tensor& maps, const at::Tensor& weights,
                                   at::IntArrayRef volume_shape) {
-  check_input(stacks, 6, "stacks", "(B, K, N, S, h, w)");
-  const at::Tensor m = check_maps(maps, stacks, "stacks");
-  check_directions(stacks, 2, m.size(0), "stacks", "(B, K, N, S, h, w)");
-  const at::Tensor w = check_weights(weights, m.size(0), stacks, "stacks");
-  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
-  const at::Tensor s = stacks.contiguous();
+  checks::check_backproject(at::kCPU, stacks, "stacks", 6, "(B, K, N, S, h, w)", maps, weights, volume_shape);
+  const at::Tensor s = stacks.contiguous(), m = maps.contiguous(), w = weights.contiguous();
   const int64_t B = s.size(0), K = s.size(1), N = s.size(2);
-  at::Tensor out = at::empty({B, K, shp[0], shp[1], shp[2]}, s.options());
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
+  at::Tensor out = at::empty({B, K, D, H, W}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tonno_fast::backproject_slices", [&] {
     backproject_slices_kernel<scalar_t>(s.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
                                         w.const_data_ptr<scalar_t>(), B * K, N, s.size(3), s.size(4), s.size(5),
-                                        shp[0], shp[1], shp[2], out.mutable_data_ptr<scalar_t>());
+                                        D, H, W, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
 
 at::Tensor backproject_slices_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& weights,
                                            at::IntArrayRef stack_shape) {
-  check_input(grad, 5, "grad", "(B, K, D, H, W)");
-  const at::Tensor m = check_maps(maps, grad, "grad");
-  const at::Tensor w = check_weights(weights, m.size(0), grad, "grad");
-  const auto st = check_shape3(stack_shape, "stack_shape", "(S, h, w)");
-  const at::Tensor g = grad.contiguous();
-  const int64_t B = g.size(0), K = g.size(1), N = m.size(0);
+  const int64_t N = checks::check_backproject_backward(at::kCPU, grad, maps, weights);
+  const auto st = checks::check_shape3(stack_shape, "stack_shape", "(S, h, w)");
+  const at::Tensor g = grad.contiguous(), m = maps.contiguous(), w = weights.contiguous();
+  const int64_t B = g.size(0), K = g.size(1);
   at::Tensor out = at::empty({B, K, N, st[0], st[1], st[2]}, g.options());  // zeroed by the kernel
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::backproject_slices_backward", [&] {
     backproject_slices_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
@@ -123,10 +118,7 @@ at::Tensor backproject_slices_backward_cpu(const at::Tensor& grad, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("backproject_slices", &backproject_slices_cpu);
-  m.impl("backproject_slices_backward", &backproject_slices_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, backproject_slices, backproject_slices_cpu, backproject_slices_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

@@ -1,5 +1,5 @@
-// Helpers shared by the CPU kernels of csrc/ops/cpu/*.cpp: argument checks, the parallel loop, and the loop
-// nests every op is built from:
+// Helpers shared by the CPU kernels of csrc/ops/cpu/*.cpp: the parallel loop and the loop nests every op is
+// built from (argument checks: tonno_fast/checks.h, shared with the CUDA kernels):
 //  * gathers along rows of points x(j) = x + j*step (sample_row, sum_row, accumulate_row): each row is
 //    clipped analytically to the array (samples outside it only read padding), its interior (all eight
 //    corners valid) runs a branch-free loop that GCC vectorises with AVX2 gathers, and the few points near
@@ -22,86 +22,14 @@
 #include <string>
 #include <vector>
 
+#include "tonno_fast/checks.h"
+#include "tonno_fast/registration.h"
 #include "tonno_fast/maths.h"
 
 namespace tonno_fast {
 namespace cpu {
 
 using maths::Taps;
-
-// ---------------------------------------------------------------------------------------------------------
-// Argument checks. Every message names the argument, what was given and what was expected.
-
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "tonno_fast: ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "tonno_fast: ", name, " must be a CPU tensor for the CPU kernel, got ",
-              t.device());
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == dim, "tonno_fast: ", name, " must have ", dim, " dimensions ", layout, ", got shape ",
-              t.sizes());
-}
-
-inline void check_nonempty(const at::Tensor& t, const char* name) {
-  for (const auto s : t.sizes()) {
-    TORCH_CHECK(s > 0, "tonno_fast: ", name, " must have positive sizes, got shape ", t.sizes());
-  }
-}
-
-// The op's main tensor argument: a float32/float64 CPU tensor with `dim` dimensions (`layout`, e.g.
-// "(B, C, D, H, W)") and no empty dimension. The three checks above, in this order.
-inline void check_input(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
-  check_floating(t, name);
-  check_dim(t, dim, name, layout);
-  check_nonempty(t, name);
-}
-
-// Dimension `dim` of `t` (shape `layout`) counts the N directions of maps.
-inline void check_directions(const at::Tensor& t, int64_t dim, int64_t n, const char* name, const char* layout) {
-  TORCH_CHECK(t.size(dim) == n, "tonno_fast: ", name, " must have N = maps.size(0) = ", n, " directions (dim ", dim,
-              " of ", layout, "), got shape ", t.sizes());
-}
-
-// `t` has the same dtype and device as `like` (the op's main tensor argument).
-inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* name, const char* like_name) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "tonno_fast: ", name, " must have the dtype of ",
-              like_name, " (", like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "tonno_fast: ", name, " must be on the device of ", like_name, " (",
-              like.device(), "), got ", t.device());
-}
-
-// maps (N, 3, 4), same dtype/device as `like`; returns a contiguous copy when needed.
-inline at::Tensor check_maps(const at::Tensor& maps, const at::Tensor& like, const char* like_name,
-                             const char* name = "maps") {
-  TORCH_CHECK(maps.dim() == 3 && maps.size(0) > 0 && maps.size(1) == 3 && maps.size(2) == 4, "tonno_fast: ",
-              name, " must have shape (N, 3, 4) with N > 0, got ", maps.sizes());
-  check_like(maps, like, name, like_name);
-  return maps.contiguous();
-}
-
-// weights (N,), same dtype/device as `like`.
-inline at::Tensor check_weights(const at::Tensor& weights, int64_t n, const at::Tensor& like,
-                                const char* like_name) {
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == n, "tonno_fast: weights must have shape (N,) = (", n,
-              ",) (one per direction of maps), got ", weights.sizes());
-  check_like(weights, like, "weights", like_name);
-  return weights.contiguous();
-}
-
-// A list of three positive sizes, e.g. volume_shape = [D, H, W].
-inline std::array<int64_t, 3> check_shape3(at::IntArrayRef s, const char* name, const char* layout) {
-  TORCH_CHECK(s.size() == 3, "tonno_fast: ", name, " must have 3 entries ", layout, ", got ", s);
-  for (const auto v : s) {
-    TORCH_CHECK(v > 0, "tonno_fast: ", name, " must be positive ", layout, ", got ", s);
-  }
-  return {s[0], s[1], s[2]};
-}
-
-inline void check_positive(int64_t v, const char* name) {
-  TORCH_CHECK(v > 0, "tonno_fast: ", name, " must be positive, got ", v);
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Parallel loop over [0, n) with dynamic scheduling (work per item varies a lot: planes near the edge of the

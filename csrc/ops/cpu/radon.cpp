@@ -29,13 +29,9 @@ void radon_kernel(const T* vol, const T* maps, int64_t BC, int64_t D, int64_t H,
 
 at::Tensor radon_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
                      int64_t width, double scale) {
-  check_input(volume, 5, "volume", "(B, C, D, H, W)");
-  const at::Tensor m = check_maps(maps, volume, "volume");
-  check_positive(n_slices, "n_slices");
-  check_positive(height, "height");
-  check_positive(width, "width");
-  const at::Tensor vol = volume.contiguous();
-  const int64_t B = vol.size(0), C = vol.size(1), N = m.size(0);
+  const int64_t N = checks::check_radon(at::kCPU, volume, maps, n_slices, height, width);
+  const at::Tensor vol = volume.contiguous(), m = maps.contiguous();
+  const int64_t B = vol.size(0), C = vol.size(1);
   at::Tensor out = at::empty({B, C, N, n_slices}, vol.options());
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::radon", [&] {
     radon_kernel<scalar_t>(vol.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), B * C, vol.size(2),
@@ -47,22 +43,18 @@ at::Tensor radon_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n
 
 at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, int64_t height, int64_t width,
                               double scale, at::IntArrayRef volume_shape) {
-  check_input(grad, 4, "grad", "(B, C, N, S)");
-  const at::Tensor m = check_maps(maps, grad, "grad");
-  check_directions(grad, 2, m.size(0), "grad", "(B, C, N, S)");
-  check_positive(height, "height");
-  check_positive(width, "width");
-  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
-  const at::Tensor g = grad.contiguous();
+  checks::check_radon_backward(at::kCPU, grad, maps, height, width, volume_shape);
+  const at::Tensor g = grad.contiguous(), m = maps.contiguous();
   const int64_t B = g.size(0), C = g.size(1), N = g.size(2), S = g.size(3);
-  at::Tensor out = at::zeros({B, C, shp[0], shp[1], shp[2]}, g.options());
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
+  at::Tensor out = at::zeros({B, C, D, H, W}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::radon_backward", [&] {
     using T = scalar_t;
     const T* gp = g.const_data_ptr<T>();
     const T sc = static_cast<T>(scale);
     // Every pixel of plane (n, k) carries scale * grad[b, c, n, k].
     scatter_slices<T>(
-        out.mutable_data_ptr<T>(), shp[0], shp[1], shp[2], m.const_data_ptr<T>(), N, S, height, width, B * C,
+        out.mutable_data_ptr<T>(), D, H, W, m.const_data_ptr<T>(), N, S, height, width, B * C,
         [&](int64_t n, int64_t q, int64_t k, int64_t, int64_t) { return sc * gp[(q * N + n) * S + k]; });
   });
   return out;
@@ -70,10 +62,7 @@ at::Tensor radon_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("radon", &radon_cpu);
-  m.impl("radon_backward", &radon_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, radon, radon_cpu, radon_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

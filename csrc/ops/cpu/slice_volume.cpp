@@ -30,17 +30,10 @@ void slice_volume_kernel(const T* vol, const T* maps, int64_t B, int64_t C, int6
 
 at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, int64_t n_slices, int64_t height,
                             int64_t width, double fill, std::optional<at::ScalarType> out_dtype) {
-  check_input(volume, 5, "volume", "(B, C, D, H, W)");
-  const at::Tensor m = check_maps(maps, volume, "volume");
-  check_positive(n_slices, "n_slices");
-  check_positive(height, "height");
-  check_positive(width, "width");
+  const int64_t N = checks::check_slice_volume(at::kCPU, volume, maps, n_slices, height, width, out_dtype);
   const at::ScalarType odt = out_dtype.value_or(volume.scalar_type());
-  TORCH_CHECK(odt == at::kFloat || odt == at::kDouble || odt == at::kHalf || odt == at::kBFloat16,
-              "tonno_fast: out_dtype must be float32, float64, float16 or bfloat16, got ", odt);
-  const at::Tensor vol = volume.contiguous();
+  const at::Tensor vol = volume.contiguous(), m = maps.contiguous();
   const int64_t B = vol.size(0), C = vol.size(1), D = vol.size(2), H = vol.size(3), W = vol.size(4);
-  const int64_t N = m.size(0);
   at::Tensor out = at::empty({B, N, n_slices, C, height, width}, vol.options().dtype(odt));
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::slice_volume", [&] {
     using T = scalar_t;
@@ -55,13 +48,10 @@ at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, in
 }
 
 at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& maps, at::IntArrayRef volume_shape) {
-  check_input(grad, 6, "grad", "(B, N, S, C, h, w)");
-  const at::Tensor m = check_maps(maps, grad, "grad");
-  check_directions(grad, 1, m.size(0), "grad", "(B, N, S, C, h, w)");
-  const auto shp = check_shape3(volume_shape, "volume_shape", "(D, H, W)");
-  const at::Tensor g = grad.contiguous();
+  checks::check_slice_volume_backward(at::kCPU, grad, maps, volume_shape);
+  const at::Tensor g = grad.contiguous(), m = maps.contiguous();
   const int64_t B = g.size(0), N = g.size(1), S = g.size(2), C = g.size(3), h = g.size(4), w = g.size(5);
-  const int64_t D = shp[0], H = shp[1], W = shp[2];
+  const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
   at::Tensor out = at::zeros({B, C, D, H, W}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "tonno_fast::slice_volume_backward", [&] {
     using T = scalar_t;
@@ -80,10 +70,7 @@ at::Tensor slice_volume_backward_cpu(const at::Tensor& grad, const at::Tensor& m
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CPU, m) {
-  m.impl("slice_volume", &slice_volume_cpu);
-  m.impl("slice_volume_backward", &slice_volume_backward_cpu);
-}
+TONNO_FAST_KERNELS(CPU, slice_volume, slice_volume_cpu, slice_volume_backward_cpu)
 
 }  // namespace cpu
 }  // namespace tonno_fast

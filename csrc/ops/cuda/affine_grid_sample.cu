@@ -1,29 +1,25 @@
-// CUDA kernels for tonno_fast::affine_grid_sample and tonno_fast::affine_grid_sample_backward.
+// CUDA kernels for tonno_fast::affine_sample and tonno_fast::affine_sample_backward, on which
+// tonno_fast::affine_grid_sample is built (tonno_fast/ops/native.py folds its theta into the maps).
 //
-//   affine_grid_sample(volume (N,C,D,H,W), theta (N,3,4), size [N,C,Do,Ho,Wo], align_corners) equals
-//     F.grid_sample(volume, F.affine_grid(theta, size, align_corners), mode="bilinear",
-//                   padding_mode="zeros", align_corners=align_corners)
-//   without the grid: theta is turned into index-space maps M[n] (affine_theta.h, shared with the CPU
-//   kernels) and output point (d, h, w) of batch item n reads volume[n] at M[n] @ (d, h, w, 1).
+//   affine_sample(volume (N,C,D,H,W), maps (N,3,4), size [N,C,Do,Ho,Wo]): output point (d, h, w) of batch
+//   item n reads volume[n] at M[n] @ (d, h, w, 1), trilinear, zero padding.
 //
 // Forward (a gather): one thread per output point (consecutive threads = consecutive w: coalesced writes),
 // corners computed once and reused for every channel, volume read through the read-only cache.
 // Backward:
 //  * volume gradient: the scatter of grad onto the eight corners with atomicAdd (float/double, sm_60+); not
 //    bitwise deterministic, so under torch.use_deterministic_algorithms(True) asking for it raises;
-//  * theta gradient (deterministic): each thread accumulates dL/dM[n] = sum_p,c grad * d trilinear/dx (p, 1)
+//  * map gradient (deterministic): each thread accumulates dL/dM[n] = sum_p,c grad * d trilinear/dx (p, 1)
 //    (maths::trilinear_with_grad) for its points, each block reduces its 12 sums with a fixed tree into
-//    its own slot, the slots are summed by ATen in float64, and the chain rule through the linear
-//    theta -> M conversion gives dL/dtheta.
+//    its own slot, and the slots are summed by ATen in float64 (the result's dtype).
 #include "common.cuh"
-#include "tonno_fast/affine_theta.h"
 
 namespace tonno_fast {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kThetaBlocks = 256;  // blocks per batch item for the theta gradient (partial slots)
+constexpr int64_t kThetaBlocks = 256;  // blocks per batch item for the map gradient (partial slots)
 
 // Grid: x (looped) over output points, y (looped) over batch items.
 template <typename scalar_t>
@@ -120,32 +116,13 @@ __global__ void affine_map_grad_kernel(const scalar_t* __restrict__ grad, const 
   }
 }
 
-void check_inputs(const at::Tensor& volume, const at::Tensor& theta) {
-  check_float_cuda(volume, "volume", 5, "(N, C, D, H, W)");
-  check_like(theta, "theta", volume, "volume");
-  TORCH_CHECK(theta.dim() == 3 && theta.size(0) == volume.size(0) && theta.size(1) == 3 && theta.size(2) == 4,
-              "tonno_fast: theta must have shape (N, 3, 4) with N = volume.size(0) = ", volume.size(0), ", got ",
-              theta.sizes());
-}
-
-at::Tensor affine_grid_sample_cuda(const at::Tensor& volume_in, const at::Tensor& theta, at::IntArrayRef size,
-                                   bool align_corners) {
-  check_inputs(volume_in, theta);
-  TORCH_CHECK(size.size() == 5 && size[0] == volume_in.size(0) && size[1] == volume_in.size(1),
-              "tonno_fast: size must be [N, C, D_out, H_out, W_out] with N, C = ", volume_in.size(0), ", ",
-              volume_in.size(1),
-              " (those of volume), got ", size);
-  for (int i = 2; i < 5; ++i) {
-    TORCH_CHECK(size[i] > 0, "tonno_fast: size must have positive D_out, H_out, W_out, got ", size);
-  }
+at::Tensor affine_sample_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, at::IntArrayRef size) {
+  checks::check_affine_sample(at::kCUDA, volume_in, maps_in, size);
   const c10::cuda::CUDAGuard guard(volume_in.device());
-  const at::Tensor volume = volume_in.contiguous();
-  const auto cv = affine::conversion(volume.sizes().slice(2), size.slice(2), align_corners, volume.device());
-  const at::Tensor maps = affine::theta_to_maps(theta, cv);
+  const at::Tensor volume = volume_in.contiguous(), maps = maps_in.contiguous();
   const int64_t N = volume.size(0), C = volume.size(1), Do = size[2], Ho = size[3], Wo = size[4];
   at::Tensor out = at::empty({N, C, Do, Ho, Wo}, volume.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_grid_sample (CUDA)", [&] {
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_sample (CUDA)", [&] {
     const dim3 grid(blocks_for(Do * Ho * Wo, kThreads), grid_yz(N));
     affine_sample_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         volume.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C,
@@ -155,67 +132,48 @@ at::Tensor affine_grid_sample_cuda(const at::Tensor& volume_in, const at::Tensor
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(const at::Tensor& grad_in,
-                                                                    const at::Tensor& volume_in,
-                                                                    const at::Tensor& theta, bool align_corners,
-                                                                    bool volume_grad, bool theta_grad) {
-  check_inputs(volume_in, theta);
-  check_float_cuda(grad_in, "grad", 5, "(N, C, D_out, H_out, W_out)");
-  check_like(grad_in, "grad", volume_in, "volume");
-  TORCH_CHECK(grad_in.size(0) == volume_in.size(0) && grad_in.size(1) == volume_in.size(1),
-              "tonno_fast: grad must have the N, C of volume (", volume_in.size(0), ", ", volume_in.size(1), "), got ",
-              grad_in.sizes());
+std::tuple<at::Tensor, at::Tensor> affine_sample_backward_cuda(const at::Tensor& grad_in, const at::Tensor& volume_in,
+                                                               const at::Tensor& maps_in, bool volume_grad,
+                                                               bool maps_grad) {
+  checks::check_affine_sample_backward(at::kCUDA, grad_in, volume_in, maps_in);
   const c10::cuda::CUDAGuard guard(volume_in.device());
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor volume = volume_in.contiguous();
-  const auto cv = affine::conversion(volume.sizes().slice(2), grad.sizes().slice(2), align_corners, volume.device());
-  const at::Tensor maps = affine::theta_to_maps(theta, cv);
+  const at::Tensor grad = grad_in.contiguous(), volume = volume_in.contiguous(), maps = maps_in.contiguous();
   const int64_t N = volume.size(0), C = volume.size(1), D = volume.size(2), H = volume.size(3), W = volume.size(4);
   const int64_t Do = grad.size(2), Ho = grad.size(3), Wo = grad.size(4);
   const int64_t P = Do * Ho * Wo;
-  // A gradient not asked for is returned as an empty tensor (schema comment in registration.cpp).
-  at::Tensor gvol = at::empty({0}, volume.options()), gtheta = at::empty({0}, volume.options());
+  // A gradient not asked for is an empty tensor (tonno_fast/ops/contract.py).
+  at::Tensor gvol = at::empty({0}, volume.options()), gmaps = at::empty({0}, volume.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (volume_grad) {
     gvol = at::zeros_like(volume);
-    if (grad.numel() > 0) {
-      alert_atomic_scatter(
-          "tonno_fast::affine_grid_sample_backward (volume gradient: CUDA kernel scatters with atomicAdd)");
-      AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_grid_sample_backward (CUDA)", [&] {
-        const dim3 grid(blocks_for(P, kThreads), grid_yz(N));
-        affine_volume_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), gvol.mutable_data_ptr<scalar_t>(), N,
-            C, D, H, W, Do, Ho, Wo);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    alert_atomic_scatter("tonno_fast::affine_sample_backward (the volume gradient of affine_grid_sample_backward: "
+                         "CUDA kernel scatters with atomicAdd)");
+    AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_sample_backward (CUDA)", [&] {
+      const dim3 grid(blocks_for(P, kThreads), grid_yz(N));
+      affine_volume_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), gvol.mutable_data_ptr<scalar_t>(), N, C,
+          D, H, W, Do, Ho, Wo);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
-  if (theta_grad) {
-    if (grad.numel() == 0 || volume.numel() == 0) {
-      gtheta = at::zeros_like(theta);
-    } else {
-      const int64_t blocks = std::min<int64_t>(kThetaBlocks, (P + kThreads - 1) / kThreads);
-      at::Tensor partial = at::empty({N, blocks, 12}, volume.options());
-      AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_grid_sample_backward (CUDA)", [&] {
-        const dim3 grid(static_cast<unsigned int>(blocks), grid_yz(N));
-        affine_map_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), volume.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<scalar_t>(), N, C, D, H, W, Do, Ho, Wo);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      const at::Tensor gmaps = partial.to(at::kDouble).sum(1).view({N, 3, 4});
-      gtheta = affine::maps_grad_to_theta_grad(gmaps, cv, theta.scalar_type());
-    }
+  if (maps_grad) {
+    const int64_t blocks = std::min<int64_t>(kThetaBlocks, (P + kThreads - 1) / kThreads);
+    at::Tensor partial = at::empty({N, blocks, 12}, volume.options());
+    AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_sample_backward (CUDA)", [&] {
+      const dim3 grid(static_cast<unsigned int>(blocks), grid_yz(N));
+      affine_map_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), volume.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(),
+          partial.mutable_data_ptr<scalar_t>(), N, C, D, H, W, Do, Ho, Wo);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    gmaps = partial.to(at::kDouble).sum(1).view({N, 3, 4});
   }
-  return {gvol, gtheta};
+  return {gvol, gmaps};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("affine_grid_sample", &affine_grid_sample_cuda);
-  m.impl("affine_grid_sample_backward", &affine_grid_sample_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, affine_sample, affine_sample_cuda, affine_sample_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

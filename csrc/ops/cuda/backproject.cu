@@ -140,12 +140,8 @@ __global__ void backproject_backward_kernel(const scalar_t* __restrict__ grad, c
 
 at::Tensor backproject_cuda(const at::Tensor& sinogram_in, const at::Tensor& maps_in, const at::Tensor& weights_in,
                             at::IntArrayRef volume_shape) {
-  check_float_cuda(sinogram_in, "sinogram", 4, "(B, K, N, S)");
-  const int64_t N = check_maps(maps_in, sinogram_in, "sinogram");
-  TORCH_CHECK(sinogram_in.size(2) == N, "tonno_fast: sinogram must have shape (B, K, N, S) with N = maps.size(0) = ", N,
-              ", got ", sinogram_in.sizes());
-  check_weights(weights_in, N, sinogram_in, "sinogram");
-  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t N = checks::check_backproject(at::kCUDA, sinogram_in, "sinogram", 4, "(B, K, N, S)", maps_in,
+                                              weights_in, volume_shape);
   const int64_t B = sinogram_in.size(0), K = sinogram_in.size(1), S = sinogram_in.size(3);
   const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
   TORCH_CHECK(B * K <= 65535, "tonno_fast: sinogram has B * K = ", B * K,
@@ -155,8 +151,6 @@ at::Tensor backproject_cuda(const at::Tensor& sinogram_in, const at::Tensor& map
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor out = at::empty({B, K, D, H, W}, sinogram.options());
-  if (out.numel() == 0) return out;
-  if (S == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES(sinogram.scalar_type(), "tonno_fast::backproject (CUDA)", [&] {
     const int64_t per_dir = (S + 8) * static_cast<int64_t>(sizeof(scalar_t));  // 4 + 1 + padded row
     const int64_t chunk = std::min<int64_t>(N, kSmemBytes / per_dir);
@@ -179,20 +173,16 @@ at::Tensor backproject_cuda(const at::Tensor& sinogram_in, const at::Tensor& map
 
 at::Tensor backproject_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
                                      const at::Tensor& weights_in, int64_t n_slices) {
-  check_float_cuda(grad_in, "grad", 5, "(B, K, D, H, W)");
-  const int64_t N = check_maps(maps_in, grad_in, "grad");
-  check_weights(weights_in, N, grad_in, "grad");
-  check_positive(n_slices, "n_slices");
+  const int64_t N = checks::check_backproject_backward(at::kCUDA, grad_in, maps_in, weights_in);
+  checks::check_positive(n_slices, "n_slices");
   const int64_t B = grad_in.size(0), K = grad_in.size(1), D = grad_in.size(2), H = grad_in.size(3),
                 W = grad_in.size(4);
-  check_int32(D * H, "D * H (lines of the volume)");
+  checks::check_int32(D * H, "D * H (lines of the volume)");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor out = at::empty({B, K, N, n_slices}, grad.options());
-  if (out.numel() == 0) return out;
-  if (grad.numel() == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::backproject_backward (CUDA)", [&] {
     const dim3 grid(blocks_for(B * K * N * n_slices, 1));
     backproject_backward_kernel<scalar_t><<<grid, kBackwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -205,10 +195,7 @@ at::Tensor backproject_backward_cuda(const at::Tensor& grad_in, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("backproject", &backproject_cuda);
-  m.impl("backproject_backward", &backproject_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, backproject, backproject_cuda, backproject_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

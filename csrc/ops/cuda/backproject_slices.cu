@@ -85,13 +85,8 @@ __global__ void backproject_slices_backward_kernel(const scalar_t* __restrict__ 
 
 at::Tensor backproject_slices_cuda(const at::Tensor& stacks_in, const at::Tensor& maps_in,
                                    const at::Tensor& weights_in, at::IntArrayRef volume_shape) {
-  check_float_cuda(stacks_in, "stacks", 6, "(B, K, N, S, h, w)");
-  const int64_t N = check_maps(maps_in, stacks_in, "stacks");
-  TORCH_CHECK(stacks_in.size(2) == N,
-              "tonno_fast: stacks must have shape (B, K, N, S, h, w) with N = maps.size(0) = ", N,
-              ", got ", stacks_in.sizes());
-  check_weights(weights_in, N, stacks_in, "stacks");
-  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t N = checks::check_backproject(at::kCUDA, stacks_in, "stacks", 6, "(B, K, N, S, h, w)", maps_in,
+                                              weights_in, volume_shape);
   const int64_t B = stacks_in.size(0), K = stacks_in.size(1), S = stacks_in.size(3), h = stacks_in.size(4),
                 w = stacks_in.size(5);
   const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
@@ -103,8 +98,6 @@ at::Tensor backproject_slices_cuda(const at::Tensor& stacks_in, const at::Tensor
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor out = at::empty({B, K, D, H, W}, stacks.options());
-  if (out.numel() == 0) return out;
-  if (stacks.numel() == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES(stacks.scalar_type(), "tonno_fast::backproject_slices (CUDA)", [&] {
     const dim3 grid(blocks_for(D * H * W, kThreads), static_cast<unsigned int>((BK + kPlanes - 1) / kPlanes));
     backproject_slices_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -117,10 +110,8 @@ at::Tensor backproject_slices_cuda(const at::Tensor& stacks_in, const at::Tensor
 
 at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
                                             const at::Tensor& weights_in, at::IntArrayRef stack_shape) {
-  check_float_cuda(grad_in, "grad", 5, "(B, K, D, H, W)");
-  const int64_t N = check_maps(maps_in, grad_in, "grad");
-  check_weights(weights_in, N, grad_in, "grad");
-  check_shape_list(stack_shape, 3, "stack_shape", "(S, h, w)");
+  const int64_t N = checks::check_backproject_backward(at::kCUDA, grad_in, maps_in, weights_in);
+  checks::check_shape3(stack_shape, "stack_shape", "(S, h, w)");
   const int64_t B = grad_in.size(0), K = grad_in.size(1), D = grad_in.size(2), H = grad_in.size(3),
                 W = grad_in.size(4);
   const int64_t S = stack_shape[0], h = stack_shape[1], w = stack_shape[2];
@@ -129,7 +120,6 @@ at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at:
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor out = at::zeros({B, K, N, S, h, w}, grad.options());
-  if (grad.numel() == 0) return out;
   alert_atomic_scatter("tonno_fast::backproject_slices_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::backproject_slices_backward (CUDA)", [&] {
     const dim3 grid(blocks_for(D * H * W, kThreads), grid_yz(B * K));
@@ -143,10 +133,7 @@ at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("backproject_slices", &backproject_slices_cuda);
-  m.impl("backproject_slices_backward", &backproject_slices_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, backproject_slices, backproject_slices_cuda, backproject_slices_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

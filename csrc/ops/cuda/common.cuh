@@ -1,5 +1,5 @@
-// Helpers shared by the CUDA kernels of tonno_fast (csrc/ops/cuda/*.cu): input checks, launch sizes,
-// read-only loads, atomics and a deterministic block reduction.
+// Helpers shared by the CUDA kernels of tonno_fast (csrc/ops/cuda/*.cu): launch sizes, read-only loads,
+// atomics and a deterministic block reduction (argument checks: tonno_fast/checks.h, shared with the CPU).
 //
 // Every kernel file includes this header and csrc/include/tonno_fast/maths.h (the per-point maths shared
 // with the CPU kernels). Conventions used throughout:
@@ -25,68 +25,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
+#include "tonno_fast/checks.h"
+#include "tonno_fast/registration.h"
 #include "tonno_fast/maths.h"
 
 namespace tonno_fast {
 namespace cuda {
-
-// ---------------------------------------------------------------------------------------------------
-// Host-side checks. Every message names the argument, what was given and what was expected.
-// ---------------------------------------------------------------------------------------------------
-
-// `t` is a CUDA float32/float64 tensor with `ndim` dimensions; `what` describes the expected shape.
-inline void check_float_cuda(const at::Tensor& t, const char* name, int64_t ndim, const char* what) {
-  TORCH_CHECK(t.defined(), "tonno_fast: ", name, " must be a defined tensor");
-  TORCH_CHECK(t.is_cuda(), "tonno_fast: ", name, " must be a CUDA tensor for the CUDA kernels, got a tensor on ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "tonno_fast: ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == ndim, "tonno_fast: ", name, " must have shape ", what, ", got ", t.sizes());
-}
-
-// `t` has the same device and dtype as `ref` (the op's main tensor input, named `ref_name`).
-inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.defined(), "tonno_fast: ", name, " must be a defined tensor");
-  TORCH_CHECK(t.device() == ref.device(), "tonno_fast: ", name, " must be on the device of ", ref_name, " (",
-              ref.device(), "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "tonno_fast: ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-}
-
-// Index-space maps (N, 3, 4) with the dtype/device of `ref`; returns N.
-inline int64_t check_maps(const at::Tensor& maps, const at::Tensor& ref, const char* ref_name) {
-  check_like(maps, "maps", ref, ref_name);
-  TORCH_CHECK(maps.dim() == 3 && maps.size(1) == 3 && maps.size(2) == 4,
-              "tonno_fast: maps must have shape (N, 3, 4) (row-major 3x4 index-space affine maps), got ",
-              maps.sizes());
-  TORCH_CHECK(maps.size(0) >= 1, "tonno_fast: maps must hold at least one direction, got shape ", maps.sizes());
-  return maps.size(0);
-}
-
-// Quadrature weights (N,) with the dtype/device of `ref`.
-inline void check_weights(const at::Tensor& weights, int64_t n, const at::Tensor& ref, const char* ref_name) {
-  check_like(weights, "weights", ref, ref_name);
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == n, "tonno_fast: weights must have shape (N,) = (", n,
-              ",) (one per direction of maps), got ", weights.sizes());
-}
-
-// A list of `count` positive sizes, e.g. volume_shape = (D, H, W).
-inline void check_shape_list(at::IntArrayRef shape, size_t count, const char* name, const char* what) {
-  TORCH_CHECK(shape.size() == count, "tonno_fast: ", name, " must have ", count, " entries ", what, ", got ", shape);
-  for (auto s : shape) TORCH_CHECK(s >= 1, "tonno_fast: ", name, " entries must be positive ", what, ", got ", shape);
-}
-
-inline void check_positive(int64_t v, const char* name) {
-  TORCH_CHECK(v >= 1, "tonno_fast: ", name, " must be a positive integer, got ", v);
-}
-
-// Kernels that index one slice / one line with 32-bit ints (faster division) need that extent below 2^31.
-inline void check_int32(int64_t v, const char* what) {
-  TORCH_CHECK(v < std::numeric_limits<int32_t>::max(), "tonno_fast: ", what, " = ", v,
-              " is too large for the CUDA kernels (must be below 2^31)");
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Launch helpers.

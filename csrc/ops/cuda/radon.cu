@@ -73,18 +73,13 @@ struct RadonGrad {
 
 at::Tensor radon_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, int64_t n_slices, int64_t height,
                       int64_t width, double scale) {
-  check_float_cuda(volume_in, "volume", 5, "(B, C, D, H, W)");
-  const int64_t N = check_maps(maps_in, volume_in, "volume");
-  check_positive(n_slices, "n_slices");
-  check_positive(height, "height");
-  check_positive(width, "width");
-  check_int32(height * width, "height * width (pixels per slice)");
+  const int64_t N = checks::check_radon(at::kCUDA, volume_in, maps_in, n_slices, height, width);
+  checks::check_int32(height * width, "height * width (pixels per slice)");
   const c10::cuda::CUDAGuard guard(volume_in.device());
   const at::Tensor volume = volume_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   const int64_t B = volume.size(0), C = volume.size(1);
   at::Tensor out = at::empty({B, C, N, n_slices}, volume.options());
-  if (out.numel() == 0) return out;
   const int64_t BC = B * C;
   TORCH_CHECK((BC + kChannels - 1) / kChannels <= 65535, "tonno_fast: volume has B * C = ", BC,
               " channels; the CUDA radon kernel supports at most ", 65535 * kChannels);
@@ -101,22 +96,14 @@ at::Tensor radon_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, in
 
 at::Tensor radon_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in, int64_t height,
                                int64_t width, double scale, at::IntArrayRef volume_shape) {
-  check_float_cuda(grad_in, "grad", 4, "(B, C, N, S)");
-  const int64_t N = check_maps(maps_in, grad_in, "grad");
-  TORCH_CHECK(grad_in.size(2) == N, "tonno_fast: grad must have shape (B, C, N, S) with N = maps.size(0) = ", N,
-              ", got ",
-              grad_in.sizes());
-  check_positive(height, "height");
-  check_positive(width, "width");
-  check_int32(height * width, "height * width (pixels per slice)");
-  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t N = checks::check_radon_backward(at::kCUDA, grad_in, maps_in, height, width, volume_shape);
+  checks::check_int32(height * width, "height * width (pixels per slice)");
   const int64_t B = grad_in.size(0), C = grad_in.size(1), S = grad_in.size(3);
   const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   at::Tensor out = at::zeros({B, C, D, H, W}, grad.options());
-  if (grad.numel() == 0) return out;
   alert_atomic_scatter("tonno_fast::radon_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::radon_backward (CUDA)", [&] {
     launch_scatter_slices<scalar_t>(
@@ -128,10 +115,7 @@ at::Tensor radon_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("radon", &radon_cuda);
-  m.impl("radon_backward", &radon_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, radon, radon_cuda, radon_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

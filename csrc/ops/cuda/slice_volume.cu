@@ -114,21 +114,14 @@ void dispatch_vec(const at::Tensor& volume, const at::Tensor& maps, at::Tensor& 
 at::Tensor slice_volume_cuda(const at::Tensor& volume_in, const at::Tensor& maps_in, int64_t n_slices,
                              int64_t height, int64_t width, double fill,
                              std::optional<at::ScalarType> out_dtype) {
-  check_float_cuda(volume_in, "volume", 5, "(B, C, D, H, W)");
-  const int64_t N = check_maps(maps_in, volume_in, "volume");
-  check_positive(n_slices, "n_slices");
-  check_positive(height, "height");
-  check_positive(width, "width");
-  check_int32(height * width, "height * width (pixels per slice)");
+  const int64_t N = checks::check_slice_volume(at::kCUDA, volume_in, maps_in, n_slices, height, width, out_dtype);
+  checks::check_int32(height * width, "height * width (pixels per slice)");
   const at::ScalarType odt = out_dtype.value_or(volume_in.scalar_type());
-  TORCH_CHECK(odt == at::kFloat || odt == at::kDouble || odt == at::kBFloat16 || odt == at::kHalf,
-              "tonno_fast: out_dtype must be float32, float64, bfloat16 or float16, got ", odt);
   const c10::cuda::CUDAGuard guard(volume_in.device());
   const at::Tensor volume = volume_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   at::Tensor out = at::empty({volume.size(0), N, n_slices, volume.size(1), height, width},
                              volume.options().dtype(odt));
-  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::slice_volume (CUDA)", [&] {
     switch (odt) {
       case at::kFloat: dispatch_vec<scalar_t, float>(volume, maps, out, n_slices, height, width, fill); break;
@@ -144,20 +137,15 @@ at::Tensor slice_volume_cuda(const at::Tensor& volume_in, const at::Tensor& maps
 
 at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps_in,
                                       at::IntArrayRef volume_shape) {
-  check_float_cuda(grad_in, "grad", 6, "(B, N, S, C, h, w)");
-  const int64_t N = check_maps(maps_in, grad_in, "grad");
-  TORCH_CHECK(grad_in.size(1) == N, "tonno_fast: grad must have shape (B, N, S, C, h, w) with N = maps.size(0) = ", N,
-              ", got ", grad_in.sizes());
-  check_shape_list(volume_shape, 3, "volume_shape", "(D, H, W)");
+  const int64_t N = checks::check_slice_volume_backward(at::kCUDA, grad_in, maps_in, volume_shape);
   const int64_t B = grad_in.size(0), S = grad_in.size(2), C = grad_in.size(3), h = grad_in.size(4),
                 w = grad_in.size(5);
   const int64_t D = volume_shape[0], H = volume_shape[1], W = volume_shape[2];
-  check_int32(h * w, "height * width (pixels per slice)");
+  checks::check_int32(h * w, "height * width (pixels per slice)");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   at::Tensor out = at::zeros({B, C, D, H, W}, grad.options());
-  if (grad.numel() == 0) return out;
   alert_atomic_scatter("tonno_fast::slice_volume_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::slice_volume_backward (CUDA)", [&] {
     launch_scatter_slices<scalar_t>(SliceVolumeGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), C, N, S, h * w}, maps,
@@ -168,10 +156,7 @@ at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tonno_fast, CUDA, m) {
-  m.impl("slice_volume", &slice_volume_cuda);
-  m.impl("slice_volume_backward", &slice_volume_backward_cuda);
-}
+TONNO_FAST_KERNELS(CUDA, slice_volume, slice_volume_cuda, slice_volume_backward_cuda)
 
 }  // namespace cuda
 }  // namespace tonno_fast

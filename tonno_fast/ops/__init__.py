@@ -1,8 +1,20 @@
-"""Geometry-level operators: the five ops of DESIGN.md §4 called with a :class:`~tonno_fast.geometry.Geometry`.
+"""The operators, called with a :class:`~tonno_fast.geometry.Geometry`: the functions other ToNNO code swaps in.
 
-These are the functions other ToNNO code swaps in. They turn the geometry into index-space maps (the
-only place that does) and dispatch to a backend (:mod:`tonno_fast.backend`). All are linear in their
-tensor input and differentiable; on the compiled backends, backward is the exact adjoint kernel.
+``slice_volume``, ``radon``, ``backproject``, ``backproject_slices`` and ``affine_grid_sample`` (see
+docs/design.md, "Operators"), plus ``filtered_backprojection``. Each checks its arguments (the public
+boundary: one clear ``TypeError``/``ValueError`` naming the argument), turns the geometry into index-space maps
+in the input's dtype and on its device (:mod:`tonno_fast.geometry` does the geometry) and calls the op of a
+backend (:mod:`tonno_fast.ops.registry`). All are linear in their tensor input and differentiable; on the
+compiled backends, backward is the exact adjoint kernel.
+
+Package layout (one contract per op, several implementations; docs/adding-an-op.md):
+
+* :mod:`.contract`: per op, the argument checks, output shapes, and adjoint that every kernel honours, and
+  the ``torch.library`` registration of both op namespaces;
+* :mod:`.registry`: which backend runs (:func:`backends`, ``backend="auto"``);
+* :mod:`.reference` (plain PyTorch, the oracle), :mod:`.native` (the C++/CUDA ops of ``tonno_fast._C``),
+  :mod:`.triton` (Triton kernels): the implementations;
+* :mod:`.problems`: the benchmark problems of every op.
 """
 from __future__ import annotations
 
@@ -11,13 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backend import get_backend
-from .filters import apply_filter, reconstruction_scale
-from .geometry import Geometry
-from .validation import check_float_tensor, check_nonempty, check_same_device, check_volume5d, finite_float
+from ..filters import apply_filter, reconstruction_scale
+from ..geometry import Geometry
+from ..validation import check_float_tensor, check_nonempty, check_same_device, check_volume5d, finite_float
+from .contract import OUT_DTYPES
+from .registry import BackendUnavailable, backends, get_backend
 
 __all__ = ["slice_volume", "radon", "backproject", "backproject_slices", "affine_grid_sample",
-           "filtered_backprojection"]
+           "filtered_backprojection", "backends", "BackendUnavailable"]
 
 
 def slice_volume(volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0,
@@ -31,42 +44,38 @@ def slice_volume(volume: torch.Tensor, geometry: Geometry, *, fill: float = 0.0,
     _check_geometry(geometry)
     check_volume5d(volume, "volume", geometry.volume_shape)
     fill = finite_float(fill, "fill")
-    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype must be None or one of {_OUT_DTYPES}, got {out_dtype!r}")
-    be = get_backend(backend, volume.device)
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of {OUT_DTYPES}, got {out_dtype!r}")
     maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
-    return be.slice_volume(volume, maps, geometry.n_slices, geometry.height, geometry.width, float(fill),
-                           out_dtype)
+    return get_backend(backend, volume.device).slice_volume(volume, maps, geometry.n_slices, geometry.height,
+                                                            geometry.width, fill, out_dtype)
 
 
 def radon(volume: torch.Tensor, geometry: Geometry, *, backend: str = "auto") -> torch.Tensor:
-    """Plane integrals ``Σ_ij f(p_ij) δ²`` of ``volume`` ``(B, C, D, H, W)`` → sinogram ``(B, C, N, S)``."""
+    """Plane integrals ``Σ_ij f(p_ij) δ²`` (mm²) of ``volume`` ``(B, C, D, H, W)`` → sinogram ``(B, C, N, S)``."""
     _check_geometry(geometry)
     check_volume5d(volume, "volume", geometry.volume_shape)
-    be = get_backend(backend, volume.device)
     maps = geometry.slice_maps(dtype=volume.dtype, device=volume.device)
-    return be.radon(volume, maps, geometry.n_slices, geometry.height, geometry.width, geometry.pixel_area)
+    return get_backend(backend, volume.device).radon(volume, maps, geometry.n_slices, geometry.height,
+                                                     geometry.width, geometry.pixel_area)
 
 
 def backproject(sinogram: torch.Tensor, geometry: Geometry, *, weights: Optional[torch.Tensor] = None,
                 backend: str = "auto") -> torch.Tensor:
     """``out(x) = Σ_n weights[n] · sinogram[..., n, :](x·n_n)`` (linear interpolation in s).
 
-    ``sinogram`` ``(B, K, N, S)`` → volume ``(B, K, D, H, W)``. ``weights`` default to the geometry's
+    ``sinogram`` ``(B, K, N, S)`` → volume ``(B, K, D, H, W)``. ``weights`` ``(N,)`` default to the geometry's
     quadrature weights (no filter and no ``1/4π²``: see :func:`filtered_backprojection`).
     """
     _check_sinogram(sinogram, geometry)
-    be = get_backend(backend, sinogram.device)
-    maps = geometry.volume_maps(dtype=sinogram.dtype, device=sinogram.device)
-    w = _weights(weights, geometry, sinogram, "sinogram")
-    return be.backproject(sinogram, maps, w, geometry.volume_shape)
+    return _backproject(sinogram, geometry, weights, backend)
 
 
 def backproject_slices(stacks: torch.Tensor, geometry: Geometry, *, weights: Optional[torch.Tensor] = None,
                        backend: str = "auto") -> torch.Tensor:
     """``out(x) = Σ_n weights[n] · stacks[..., n, :, :, :](k, i, j of x)`` (trilinear in the stack).
 
-    ``stacks`` ``(B, K, N, S, h, w)`` → volume ``(B, K, D, H, W)``.
+    ``stacks`` ``(B, K, N, S, h, w)`` → volume ``(B, K, D, H, W)``; ``weights`` as in :func:`backproject`.
     """
     _check_geometry(geometry)
     check_float_tensor(stacks, "stacks", "(B, K, N, S, h, w)")
@@ -77,17 +86,16 @@ def backproject_slices(stacks: torch.Tensor, geometry: Geometry, *, weights: Opt
         raise ValueError(f"stacks must have (N, S, h, w) = {expect} for this geometry, "
                          f"got {tuple(stacks.shape[2:])}")
     check_nonempty(stacks, "stacks")
-    be = get_backend(backend, stacks.device)
     maps = geometry.volume_maps(dtype=stacks.dtype, device=stacks.device)
     w = _weights(weights, geometry, stacks, "stacks")
-    return be.backproject_slices(stacks, maps, w, geometry.volume_shape)
+    return get_backend(backend, stacks.device).backproject_slices(stacks, maps, w, list(geometry.volume_shape))
 
 
 def affine_grid_sample(volume: torch.Tensor, theta: torch.Tensor, size: Sequence[int],
                        align_corners: bool = False, *, backend: str = "auto") -> torch.Tensor:
     """Drop-in for ``F.grid_sample(volume, F.affine_grid(theta, size, align_corners), mode="bilinear",
     padding_mode="zeros", align_corners=align_corners)`` with 5-D ``volume`` ``(N, C, D, H, W)`` and
-    ``theta`` ``(N, 3, 4)``, without materialising the grid."""
+    ``theta`` ``(N, 3, 4)``, without materialising the grid. Differentiable in ``volume`` and ``theta``."""
     check_float_tensor(volume, "volume", "(N, C, D, H, W)")
     if volume.ndim != 5:
         raise ValueError(f"volume must be 5-D (N, C, D, H, W), got shape {tuple(volume.shape)}")
@@ -112,23 +120,26 @@ def affine_grid_sample(volume: torch.Tensor, theta: torch.Tensor, size: Sequence
                          f"C = {volume.shape[1]} and positive output sizes, got {tuple(sizes)}")
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
-    be = get_backend(backend, volume.device)
-    return be.affine_grid_sample(volume, theta, sizes, align_corners)
+    return get_backend(backend, volume.device).affine_grid_sample(volume, theta, sizes, align_corners)
 
 
 def filtered_backprojection(sinogram: torch.Tensor, geometry: Geometry, *, filter: str = "ramp2",
                             window: Optional[str] = None, backend: str = "auto") -> torch.Tensor:
-    """Invert the 3D Radon transform (DESIGN.md §3): sinogram ``(B, K, N, S)`` → volume ``(B, K, D, H, W)``.
+    """Invert the 3D Radon transform (docs/design.md, "Reconstruction"): sinogram ``(B, K, N, S)`` → volume
+    ``(B, K, D, H, W)``.
 
     ``f(x) = 1/(4π²) Σ_k w_k (Λ² p_k)(x·n_k)`` for ``ramp2``; ``filter="none"`` averages backprojections.
     """
     _check_sinogram(sinogram, geometry)
     filtered = apply_filter(sinogram, filter, window, slice_spacing=geometry.slice_spacing)
-    scale = reconstruction_scale(filter, geometry.weights)
-    return backproject(filtered, geometry, weights=scale, backend=backend)
+    return _backproject(filtered, geometry, reconstruction_scale(filter, geometry.weights), backend)
 
 
-_OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+def _backproject(sinogram: torch.Tensor, geometry: Geometry, weights, backend: str) -> torch.Tensor:
+    """:func:`backproject` once ``sinogram`` is known to fit ``geometry``."""
+    maps = geometry.volume_maps(dtype=sinogram.dtype, device=sinogram.device)
+    w = _weights(weights, geometry, sinogram, "sinogram")
+    return get_backend(backend, sinogram.device).backproject(sinogram, maps, w, list(geometry.volume_shape))
 
 
 def _check_geometry(geometry) -> None:

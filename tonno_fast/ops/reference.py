@@ -1,8 +1,10 @@
 """The reference backend: plain, vectorised PyTorch (``grid_sample`` and ``gather``), float32 and float64.
 
 It is the oracle that every kernel is tested against and the fallback when no compiled backend is
-available. Autograd comes from PyTorch itself. Work is chunked over directions so that the temporary
-coordinate grids stay under ``_CHUNK_BYTES``; there is no Python loop over voxels or slices.
+available. Autograd comes from PyTorch itself (so it has no ``*_backward`` ops). Work is chunked over
+directions so that the temporary coordinate grids stay under ``_CHUNK_BYTES``; there is no Python loop over
+voxels or slices. Arguments are those of the ops' schemas (:mod:`tonno_fast.ops.contract`), checked by the
+public operators, with maps and weights in the main tensor's dtype and on its device.
 
 All functions use the index-space maps of :mod:`tonno_fast.geometry`:
 
@@ -58,15 +60,9 @@ def _apply_maps(maps: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
             + M[..., 2] * c[None, None, :, None] + M[..., 3])
 
 
-def _check_maps(maps: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
-    if maps.ndim != 3 or maps.shape[1:] != (3, 4):
-        raise ValueError(f"{name} must have shape (N, 3, 4), got {tuple(maps.shape)}")
-    return maps.to(device=like.device, dtype=like.dtype)
-
-
 def slice_volume(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
                  fill: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    maps = _check_maps(slice_maps, volume, "slice_maps")
+    maps = slice_maps
     B, C, D, H, W = volume.shape
     N = maps.shape[0]
     src = volume - fill if fill != 0.0 else volume
@@ -88,7 +84,7 @@ def slice_volume(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, 
 
 def radon(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
           scale: float = 1.0) -> torch.Tensor:
-    maps = _check_maps(slice_maps, volume, "slice_maps")
+    maps = slice_maps
     B, C = volume.shape[:2]
     N = maps.shape[0]
     per_dir = n_slices * height * width * (3 + B * C) * volume.element_size() * 2
@@ -100,8 +96,7 @@ def radon(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height:
 
 def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
                 volume_shape: Sequence[int]) -> torch.Tensor:
-    maps = _check_maps(volume_maps, sinogram, "volume_maps")
-    w = weights.to(device=sinogram.device, dtype=sinogram.dtype)
+    maps, w = volume_maps, weights
     B, K, N, S = sinogram.shape
     D, H, W = (int(x) for x in volume_shape)
     V = D * H * W
@@ -126,8 +121,7 @@ def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torc
 
 def backproject_slices(stacks: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
                        volume_shape: Sequence[int]) -> torch.Tensor:
-    maps = _check_maps(volume_maps, stacks, "volume_maps")
-    w = weights.to(device=stacks.device, dtype=stacks.dtype)
+    maps, w = volume_maps, weights
     B, K, N, S, h, wd = stacks.shape
     D, H, W = (int(x) for x in volume_shape)
     step = _chunk(N, D * H * W * (3 + 2 * B * K) * stacks.element_size())

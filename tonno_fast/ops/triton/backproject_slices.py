@@ -26,17 +26,15 @@ every direction with ``tl.atomic_add``: not bitwise deterministic on a GPU.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRETED, alert_not_deterministic, apply_row, bilinear_gather, bilinear_scatter,
-                      check_float, check_maps, check_weights, define_op, interpreter_block, interpreter_block_bk,
-                      launch, linear_taps, pow2_block, register_linear_autograd, row_offsets, scalars,
+                      interpreter_block, interpreter_block_bk, launch, linear_taps, pow2_block, row_offsets, scalars,
                       tile_offsets, trilinear_gather, trilinear_scatter, voxel_tile)
-from .backproject import _check_projections, _shape3
 
 __all__ = ["backproject_slices", "backproject_slices_backward"]
 
@@ -153,8 +151,14 @@ def _params(laplacian_spacing: Optional[float], like: torch.Tensor) -> torch.Ten
     return like if laplacian_spacing is None else scalars([1.0 / laplacian_spacing ** 2], like)
 
 
-def _bps_impl(stacks: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, volume_shape: List[int],
-              laplacian_spacing: Optional[float]) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------------------
+# Launchers: the ops' implementations (schemas, checks, fake kernels and autograd: tonno_fast.ops.contract).
+
+def backproject_slices(stacks: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, volume_shape: List[int],
+                       laplacian_spacing: Optional[float]) -> torch.Tensor:
+    """``(B, K, N, S, h, w)`` stacks → ``(B, K, D, H, W)`` volume; ``laplacian_spacing``: slice spacing Δs (mm) of
+    the fused ``laplacian`` filter along the slice axis (``None``: no filter). See module doc."""
+    maps, weights = maps.contiguous(), weights.contiguous()
     B, K, N, S, h, w = stacks.shape
     D, H, W = volume_shape
     out = stacks.new_zeros((B, K, D, H, W))
@@ -170,16 +174,10 @@ def _bps_impl(stacks: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, v
     return out
 
 
-_bps_op = define_op("backproject_slices", _bps_impl)
-
-
-@_bps_op.register_fake
-def _(stacks, maps, weights, volume_shape, laplacian_spacing):
-    return stacks.new_empty((stacks.shape[0], stacks.shape[1], *volume_shape))
-
-
-def _bps_backward_impl(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, stack_shape: List[int],
-                       laplacian_spacing: Optional[float]) -> torch.Tensor:
+def backproject_slices_backward(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, stack_shape: List[int],
+                                laplacian_spacing: Optional[float]) -> torch.Tensor:
+    """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, S, h, w)`` with ``stack_shape = (S, h, w)``."""
+    maps, weights = maps.contiguous(), weights.contiguous()
     alert_not_deterministic("backproject_slices_backward", grad.device)
     B, K, D, H, W = grad.shape
     S, h, w = stack_shape
@@ -197,52 +195,19 @@ def _bps_backward_impl(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Te
     return out
 
 
-_bps_bwd_op = define_op("backproject_slices_backward", _bps_backward_impl)
+# ----------------------------------------------------------------------------------------------------------
+# Tooling (compile_check): the kernel variants the GPU launchers use, and small calls to trace.
+
+#: (kernel, pointer dtype overrides, constexprs, num_warps)
+COMPILE_VARIANTS = [(kernel, {}, dict(LAPLACIAN=laplacian, BLOCK_BK=4, BLOCK_V=128), 4)
+                    for kernel in ("_bps_kernel", "_bps_adjoint_kernel") for laplacian in (False, True)]
 
 
-@_bps_bwd_op.register_fake
-def _(grad, maps, weights, stack_shape, laplacian_spacing):
-    return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], *stack_shape), dtype=maps.dtype)
-
-
-register_linear_autograd(
-    _bps_op, "backproject_slices_backward", 2,
-    lambda stacks, maps, weights, volume_shape, laplacian_spacing: (list(stacks.shape[3:]), laplacian_spacing))
-register_linear_autograd(
-    _bps_bwd_op, "backproject_slices", 2,
-    lambda grad, maps, weights, stack_shape, laplacian_spacing: (list(grad.shape[2:]), laplacian_spacing))
-
-
-def backproject_slices(stacks: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
-                       volume_shape: Sequence[int], laplacian_spacing: Optional[float] = None) -> torch.Tensor:
-    """``(B, K, N, S, h, w)`` stacks → ``(B, K, D, H, W)`` volume (see module doc).
-
-    ``laplacian_spacing``: slice spacing Δs (mm) of a ``laplacian`` filter fused along the slice axis
-    (``None``: no filter). Differentiable in ``stacks`` (exact adjoint, filter included).
-    """
-    maps, w = _check_projections(stacks, "stacks", "(B, K, N, S, h, w)", volume_maps, weights)
-    return torch.ops.tonno_fast_triton.backproject_slices(stacks, maps, w, _shape3(volume_shape),
-                                                          _spacing(laplacian_spacing))
-
-
-def backproject_slices_backward(grad: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
-                                stack_shape: Sequence[int], laplacian_spacing: Optional[float] = None
-                                ) -> torch.Tensor:
-    """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, S, h, w)`` with ``stack_shape = (S, h, w)``."""
-    check_float(grad, "grad")
-    maps = check_maps(volume_maps, grad, "volume_maps")
-    w = check_weights(weights, maps.shape[0], grad)
-    shape = [int(x) for x in stack_shape]
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"stack_shape must be (S, h, w) with positive sizes, got {tuple(stack_shape)}")
-    return torch.ops.tonno_fast_triton.backproject_slices_backward(grad, maps, w, shape,
-                                                                   _spacing(laplacian_spacing))
-
-
-def _spacing(laplacian_spacing: Optional[float]) -> Optional[float]:
-    if laplacian_spacing is None:
-        return None
-    s = float(laplacian_spacing)
-    if not s > 0 or s == float("inf"):
-        raise ValueError(f"laplacian_spacing must be a positive, finite slice spacing in mm, got {laplacian_spacing!r}")
-    return s
+def trace_samples(s):
+    """``(op, function, inputs)`` to trace, from compile_check's small samples ``s``."""
+    return [
+        ("backproject_slices", lambda x, m, w: s.ops.backproject_slices(x, m, w, [5, 6, 7], 0.9),
+         (s.r(1, 2, 2, 3, 4, 5), s.vm, s.w)),
+        ("backproject_slices_backward", lambda x, m, w: s.ops.backproject_slices_backward(x, m, w, [3, 4, 5], 0.9),
+         (s.r(1, 2, 5, 6, 7), s.vm, s.w)),
+    ]

@@ -34,34 +34,16 @@ reading the gradient with zero pixel strides (one value per slice).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, alert_not_deterministic, apply_row, check_float, check_maps, define_op,
-                      interpreter_block, launch, linear_taps, one_per_thread, pow2_block, scalars, trilinear_gather,
-                      trilinear_scatter)
+from ._common import (INTERPRETED, alert_not_deterministic, interpreter_block, launch, one_per_thread, pow2_block,
+                      scalars, slice_taps, trilinear_gather, trilinear_scatter)
 
 __all__ = ["slice_volume", "slice_volume_backward"]
-
-
-@triton.jit
-def _slice_coords(maps_ptr, n, k, pix, w, D, H, W):
-    """Taps of pixel ``pix`` (flat ``i*w + j``) of slice ``k`` of direction ``n`` in a ``(D, H, W)`` volume."""
-    ct = maps_ptr.dtype.element_ty
-    m_ptr = maps_ptr + n * 12
-    fk = k.to(ct)
-    fi = (pix // w).to(ct)
-    fj = (pix % w).to(ct)
-    x0 = apply_row(m_ptr, 0, fk, fi, fj)
-    x1 = apply_row(m_ptr, 1, fk, fi, fj)
-    x2 = apply_row(m_ptr, 2, fk, fi, fj)
-    d0, d1, dw0, dw1 = linear_taps(x0, D)
-    h0, h1, hw0, hw1 = linear_taps(x1, H)
-    w0, w1, ww0, ww1 = linear_taps(x2, W)
-    return d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1
 
 
 @triton.jit
@@ -75,7 +57,7 @@ def _slice_kernel(vol_ptr, maps_ptr, par_ptr, out_ptr,
     hw = tl.cast(h, tl.int64) * w
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     mask = pix < hw
-    d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = _slice_coords(maps_ptr, n, k, pix, w, D, H, W)
+    d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = slice_taps(maps_ptr, n, k, pix, w, D, H, W)
     if HAS_FILL:
         # fill * (1 - Σ_valid w): the outside part of the trilinear stencil reads `fill` (maths.h inside_weight).
         fill_term = tl.load(par_ptr) * (1.0 - (dw0 + dw1) * (hw0 + hw1) * (ww0 + ww1))
@@ -120,7 +102,7 @@ def _slice_adjoint_kernel(g_ptr, maps_ptr, out_ptr,
     n = tl.program_id(2).to(tl.int64)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     mask = pix < tl.cast(h, tl.int64) * w
-    d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = _slice_coords(maps_ptr, n, k, pix, w, D, H, W)
+    d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = slice_taps(maps_ptr, n, k, pix, w, D, H, W)
     any_valid = mask & ((dw0 + dw1) * (hw0 + hw1) * (ww0 + ww1) != 0)
     ct = out_ptr.dtype.element_ty
     g_b = g_ptr + n * sgn + k * sgk + (pix // w) * sgi + (pix % w) * sgj
@@ -184,119 +166,39 @@ def launch_adjoint(grad, strides, maps, n_slices, height, width, batch_channels,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Registered ops.
+# Launchers: the ops' implementations (schemas, checks, fake kernels and autograd: tonno_fast.ops.contract).
 
-def _slice_volume_impl(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height: int, width: int,
-                       fill: float, out_dtype: Optional[torch.dtype], window: Optional[List[float]],
-                       replicate_channels: int) -> torch.Tensor:
-    return _launch_forward(volume, maps, n_slices, height, width, fill, out_dtype, window, replicate_channels)
-
-
-_slice_op = define_op("slice_volume", _slice_volume_impl)
-
-
-@_slice_op.register_fake
-def _(volume, maps, n_slices, height, width, fill, out_dtype, window, replicate_channels):
-    B, C = volume.shape[:2]
-    return volume.new_empty((B, maps.shape[0], n_slices, C * replicate_channels, height, width),
-                            dtype=out_dtype or volume.dtype)
+def slice_volume(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height: int, width: int, fill: float,
+                 out_dtype: Optional[torch.dtype], window: Optional[List[float]],
+                 replicate_channels: int) -> torch.Tensor:
+    """Slices ``(B, N, S, C*replicate_channels, h, w)`` of ``volume`` ``(B, C, D, H, W)`` (see module doc)."""
+    return _launch_forward(volume, maps.contiguous(), n_slices, height, width, fill, out_dtype, window,
+                           replicate_channels)
 
 
-def _slice_backward_impl(grad: torch.Tensor, maps: torch.Tensor, volume_shape: List[int]) -> torch.Tensor:
+def slice_volume_backward(grad: torch.Tensor, maps: torch.Tensor, volume_shape: List[int]) -> torch.Tensor:
+    """The adjoint: ``grad`` ``(B, N, S, C, h, w)`` → ``(B, C, D, H, W)``."""
     B, N, S, C, h, w = grad.shape
-    sb, sn, sk, sc, si, sj = grad.stride()
-    return launch_adjoint(grad, (sb, sn, sk, sc, si, sj), maps, S, h, w, (B, C), volume_shape,
+    return launch_adjoint(grad, grad.stride(), maps.contiguous(), S, h, w, (B, C), volume_shape,
                           "slice_volume_backward")
 
 
-_slice_bwd_op = define_op("slice_volume_backward", _slice_backward_impl)
-
-
-@_slice_bwd_op.register_fake
-def _(grad, maps, volume_shape):
-    B, N, S, C, h, w = grad.shape
-    return grad.new_empty((B, C, *volume_shape), dtype=maps.dtype)
-
-
-def _setup(ctx, inputs, output):
-    volume, maps, n_slices, height, width, fill, out_dtype, window, replicate_channels = inputs
-    ctx.save_for_backward(maps)
-    ctx.volume_shape = list(volume.shape[2:])
-    ctx.window = window
-    ctx.replicate = replicate_channels
-
-
-def _backward(ctx, grad):
-    if ctx.window is not None:
-        raise RuntimeError("slice_volume: window= is an inference-only fusion (clamping is not differentiated); "
-                           "slice without it and window afterwards to get gradients")
-    (maps,) = ctx.saved_tensors
-    if ctx.replicate > 1:  # the copies of a channel were all read from the same samples
-        grad = grad.unflatten(3, (-1, ctx.replicate)).sum(4)
-    gv = torch.ops.tonno_fast_triton.slice_volume_backward(grad, maps, ctx.volume_shape)
-    return gv, None, None, None, None, None, None, None, None
-
-
-_slice_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _setup_bwd(ctx, inputs, output):
-    grad, maps, volume_shape = inputs
-    ctx.save_for_backward(maps)
-    ctx.stack = tuple(grad.shape[2:3]) + tuple(grad.shape[4:])
-    ctx.grad_dtype = grad.dtype
-
-
-def _backward_bwd(ctx, gg):
-    # The adjoint of the adjoint is the forward (fill 0): makes double backward exact too.
-    (maps,) = ctx.saved_tensors
-    S, h, w = ctx.stack
-    out = torch.ops.tonno_fast_triton.slice_volume(gg, maps, S, h, w, 0.0, ctx.grad_dtype, None, 1)
-    return out, None, None
-
-
-_slice_bwd_op.register_autograd(_backward_bwd, setup_context=_setup_bwd)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Public function (the backend signature, plus the encoder-input fusions).
+# Tooling (compile_check): the kernel variants the GPU launchers use, and small calls to trace.
 
-def slice_volume(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
-                 fill: float = 0.0, out_dtype: Optional[torch.dtype] = None, *,
-                 window: Optional[Sequence[float]] = None, replicate_channels: int = 1) -> torch.Tensor:
-    """Slices ``(B, N, S, C*replicate_channels, h, w)`` of ``volume`` ``(B, C, D, H, W)`` (see module doc).
-
-    ``out_dtype``: dtype written (float32/float64/bfloat16/float16; default ``volume.dtype``).
-    ``window=(lo, hi)`` (inference only): ``(clamp(v, lo, hi) - lo) / (hi - lo)``, in intensity units of the
-    volume. ``replicate_channels``: copies of each channel, consecutive (``repeat_interleave`` on dim 3).
-    Differentiable in ``volume`` (exact adjoint), except with ``window``.
-    """
-    check_float(volume, "volume")
-    if volume.ndim != 5:
-        raise ValueError(f"volume must have shape (B, C, D, H, W), got {tuple(volume.shape)}")
-    maps = check_maps(slice_maps, volume, "slice_maps")
-    for name, v in (("n_slices", n_slices), ("height", height), ("width", width)):
-        if int(v) != v or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-    if out_dtype is not None and out_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise TypeError(f"out_dtype must be None, float32, float64, bfloat16 or float16, got {out_dtype}")
-    if not isinstance(replicate_channels, int) or replicate_channels < 1:
-        raise ValueError(f"replicate_channels must be a positive integer, got {replicate_channels!r}")
-    win = None
-    if window is not None:
-        win = [float(x) for x in window]
-        if len(win) != 2 or not win[0] < win[1]:
-            raise ValueError(f"window must be (lo, hi) with lo < hi, got {tuple(window)}")
-        if volume.requires_grad and torch.is_grad_enabled():
-            raise ValueError("window= is an inference-only fusion and volume requires grad; use "
-                             "torch.no_grad() or apply the window after slicing")
-    return torch.ops.tonno_fast_triton.slice_volume(volume, maps, int(n_slices), int(height), int(width),
-                                                    float(fill), out_dtype, win, replicate_channels)
+#: (kernel, pointer dtype overrides, constexprs, num_warps)
+COMPILE_VARIANTS = [
+    ("_slice_kernel", {}, dict(HAS_FILL=False, WINDOW=False, VIA_F32=False, BLOCK=256), 8),
+    ("_slice_kernel", {"out_ptr": "bf16"}, dict(HAS_FILL=True, WINDOW=True, VIA_F32=True, BLOCK=256), 8),
+    ("_slice_adjoint_kernel", {"g_ptr": "bf16"}, dict(BLOCK=256), 8),
+]
 
 
-def slice_volume_backward(grad: torch.Tensor, slice_maps: torch.Tensor, volume_shape: Sequence[int]
-                          ) -> torch.Tensor:
-    """The adjoint: ``grad`` ``(B, N, S, C, h, w)`` → ``(B, C, D, H, W)`` in ``slice_maps``' dtype."""
-    dtype = slice_maps.dtype if slice_maps.dtype in (torch.float32, torch.float64) else torch.float32
-    maps = check_maps(slice_maps, grad, "slice_maps", dtype)
-    return torch.ops.tonno_fast_triton.slice_volume_backward(grad, maps, [int(x) for x in volume_shape])
+def trace_samples(s):
+    """``(op, function, inputs)`` to trace, from compile_check's small samples ``s``."""
+    return [
+        ("slice_volume", lambda v, m: s.ops.slice_volume(v, m, 3, 4, 5, 0.5, torch.bfloat16, [0.0, 1.0], 3),
+         (s.r(1, 1, 5, 6, 7), s.sm)),
+        ("slice_volume_backward", lambda x, m: s.ops.slice_volume_backward(x, m, [5, 6, 7]),
+         (s.r(1, 2, 3, 1, 4, 5), s.sm)),
+    ]

@@ -1,5 +1,5 @@
 """Shared pieces of the Triton kernels: per-point maths (``@triton.jit`` helpers), the voxel tiles of the
-backprojection kernels, op registration (with the autograd of forward/adjoint op pairs), launch heuristics.
+backprojection kernels, launch helpers and heuristics.
 
 The ``@triton.jit`` helpers are the Triton transcription of ``csrc/include/tonno_fast/maths.h`` (one copy,
 used by every op module), with the same conventions as the reference backend:
@@ -15,33 +15,20 @@ Loads and atomic adds of a corner are masked by ``weight != 0``: an invalid corn
 NaN/inf stored at index 0 cannot leak in through a zero weight), and a valid corner with weight exactly 0
 contributes nothing anyway.
 
-Registration (:func:`define_op`): ops live in the namespace ``tonno_fast_triton`` (the C++ ops own
-``tonno_fast``). On a GPU they are ``torch.library.triton_op`` s, so ``torch.compile``/Inductor sees the
-Triton kernels through ``wrap_triton``. Under ``TRITON_INTERPRET=1`` (CPU CI) they are plain
-``torch.library.custom_op`` s instead: in torch 2.14 ``wrap_triton`` returns the interpreted kernel
-unchanged, so ``triton_op``'s functional decomposition (used by ``opcheck``'s AOT tests and by
-``torch.compile``) would run the interpreter on fake tensors and fail ("Attempted to access the data
-pointer on an invalid python storage"); as an opaque ``custom_op`` with an explicit fake kernel the op
-passes ``opcheck`` and compiles as a graph break-free extern call. The op bodies are identical in both
-cases, so the interpreter tests exercise exactly the code that runs on the GPU.
+The ops themselves (schemas, checks, fake kernels, autograd) are defined from the launchers by
+:func:`tonno_fast.ops.contract.define_triton`.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "NAMESPACE", "define_op", "launch", "pow2_block", "one_per_thread", "interpreter_block",
-           "interpreter_block_bk", "scalars", "check_maps", "check_weights", "check_float", "alert_not_deterministic",
-           "register_linear_autograd", "voxel_coords", "voxel_tile", "row_offsets", "tile_offsets",
+__all__ = ["INTERPRETED", "launch", "pow2_block", "one_per_thread", "interpreter_block", "interpreter_block_bk",
+           "scalars", "alert_not_deterministic", "voxel_coords", "voxel_tile", "row_offsets", "tile_offsets",
            "linear_taps", "linear_taps_dx", "apply_row", "bilinear_gather", "bilinear_scatter",
-           "trilinear_gather", "trilinear_scatter", "trilinear_gather_with_grad"]
-
-NAMESPACE = "tonno_fast_triton"
-
+           "trilinear_gather", "trilinear_scatter", "trilinear_gather_with_grad", "slice_taps"]
 
 @triton.jit
 def _probe():
@@ -51,15 +38,6 @@ def _probe():
 # `@triton.jit` returns an InterpretedFunction (not a JITFunction) when TRITON_INTERPRET=1 was set before
 # triton was imported; testing the object is more reliable than re-reading the environment variable.
 INTERPRETED: bool = not isinstance(_probe, triton.runtime.jit.JITFunction)
-
-
-def define_op(name: str, fn: Callable):
-    """Register ``fn`` (type-annotated, no mutation) as ``tonno_fast_triton::<name>``; returns the
-    ``CustomOpDef`` (``register_fake`` / ``register_autograd`` work the same for both kinds)."""
-    qualname = f"{NAMESPACE}::{name}"
-    if INTERPRETED:
-        return torch.library.custom_op(qualname, fn, mutates_args=())
-    return torch.library.triton_op(qualname, fn, mutates_args=())
 
 
 class launch:
@@ -129,52 +107,6 @@ def alert_not_deterministic(caller: str, device: torch.device) -> None:
         warnings.warn(msg, stacklevel=3)
     else:
         raise RuntimeError(msg)
-
-
-def check_float(t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    if not (t.is_cuda or INTERPRETED):
-        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                           f"imported); {name} is on {t.device}")
-
-
-def check_maps(maps: torch.Tensor, like: torch.Tensor, name: str, dtype=None) -> torch.Tensor:
-    """``maps`` ``(N, 3, 4)`` on ``like``'s device in ``dtype`` (default ``like.dtype``: the compute dtype),
-    contiguous (kernels read 12 scalars per direction)."""
-    if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or tuple(maps.shape[1:]) != (3, 4):
-        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
-        raise ValueError(f"{name} must have shape (N, 3, 4), got {shape}")
-    return maps.detach().to(device=like.device, dtype=dtype or like.dtype).contiguous()
-
-
-def check_weights(weights: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    if not isinstance(weights, torch.Tensor) or weights.ndim != 1 or weights.shape[0] != n:
-        shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
-        raise ValueError(f"weights must have shape (N,) = ({n},), one per direction, got {shape}")
-    return weights.detach().to(device=like.device, dtype=like.dtype).contiguous()
-
-
-def register_linear_autograd(op, adjoint: str, n_geometry: int, adjoint_args: Callable) -> None:
-    """Autograd of the linear op ``op`` (a ``CustomOpDef``) whose inputs are ``(x, *geometry, *params)`` with
-    ``n_geometry`` geometry tensors (maps, weights: constants, detached by the public wrappers): the gradient
-    of ``x`` is ``tonno_fast_triton::<adjoint>(grad, *geometry, *adjoint_args(*inputs))``. Registering each
-    op of a forward/adjoint pair with the other as ``adjoint`` gives double backward too.
-
-    ``adjoint`` is looked up when the backward runs, so an op may name an adjoint registered after it."""
-
-    def setup(ctx, inputs, output):
-        ctx.n_inputs = len(inputs)
-        ctx.adjoint_args = adjoint_args(*inputs)
-        ctx.save_for_backward(*inputs[1:1 + n_geometry])
-
-    def backward(ctx, grad):
-        gx = getattr(getattr(torch.ops, NAMESPACE), adjoint)(grad, *ctx.saved_tensors, *ctx.adjoint_args)
-        return (gx,) + (None,) * (ctx.n_inputs - 1)
-
-    op.register_autograd(backward, setup_context=setup)
 
 
 def scalars(values, like: torch.Tensor) -> torch.Tensor:
@@ -332,3 +264,20 @@ def trilinear_gather_with_grad(ptr, base, t0, t1, tw0, tw1, td0, td1, i0, i1, wi
     g2 = (tw0 * (wi0 * (dj0 * a000 + dj1 * a001) + wi1 * (dj0 * a010 + dj1 * a011))
           + tw1 * (wi0 * (dj0 * a100 + dj1 * a101) + wi1 * (dj0 * a110 + dj1 * a111)))
     return val, g0, g1, g2
+
+
+@triton.jit
+def slice_taps(maps_ptr, n, k, pix, w, D, H, W):
+    """Taps of pixel ``pix`` (flat ``i*w + j``) of slice ``k`` of direction ``n`` in a ``(D, H, W)`` volume."""
+    ct = maps_ptr.dtype.element_ty
+    m_ptr = maps_ptr + n * 12
+    fk = k.to(ct)
+    fi = (pix // w).to(ct)
+    fj = (pix % w).to(ct)
+    x0 = apply_row(m_ptr, 0, fk, fi, fj)
+    x1 = apply_row(m_ptr, 1, fk, fi, fj)
+    x2 = apply_row(m_ptr, 2, fk, fi, fj)
+    d0, d1, dw0, dw1 = linear_taps(x0, D)
+    h0, h1, hw0, hw1 = linear_taps(x1, H)
+    w0, w1, ww0, ww1 = linear_taps(x2, W)
+    return d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1

@@ -4,7 +4,7 @@
 ``out[b,k,x] = Σ_n weights[n] · lerp(sinogram[b,k,n,:], t_n(x))`` with ``t_n(x) = volume_maps[n,0] @ (d,h,w,1)``
 the continuous slice index; taps outside ``[0, S-1]`` read zero.
 
-Kernel layout (the arithmetic-bound operator of PERFORMANCE.md): one program owns a tile of
+Kernel layout (arithmetic-bound: docs/performance.md): one program owns a tile of
 ``BLOCK_BK`` (batch×channel rows) × ``BLOCK_V`` voxels and **loops over all directions inside the kernel**:
 the accumulator tile lives in registers for the whole sum, so each output voxel is written exactly once
 (no atomics, no read-modify-write of the volume, deterministic), and ``t_n`` and the two tap weights are
@@ -30,15 +30,14 @@ step if ``benchmarks/gpu`` shows the atomics dominate.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, alert_not_deterministic, apply_row, check_float, check_maps, check_weights,
-                      define_op, interpreter_block, interpreter_block_bk, launch, linear_taps, pow2_block,
-                      register_linear_autograd, row_offsets, tile_offsets, voxel_tile)
+from ._common import (INTERPRETED, alert_not_deterministic, apply_row, interpreter_block, interpreter_block_bk, launch,
+                      linear_taps, pow2_block, row_offsets, tile_offsets, voxel_tile)
 
 __all__ = ["backproject", "backproject_backward"]
 
@@ -100,8 +99,13 @@ def _block_bk(bk: int) -> int:
     return interpreter_block_bk(bk) if INTERPRETED else pow2_block(bk, 1, 8)
 
 
-def _backproject_impl(sinogram: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor,
-                      volume_shape: List[int]) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------------------
+# Launchers: the ops' implementations (schemas, checks, fake kernels and autograd: tonno_fast.ops.contract).
+
+def backproject(sinogram: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor,
+                volume_shape: List[int]) -> torch.Tensor:
+    """``(B, K, N, S)`` sinogram → ``(B, K, D, H, W)`` volume (see module doc)."""
+    maps, weights = maps.contiguous(), weights.contiguous()
     B, K, N, S = sinogram.shape
     D, H, W = volume_shape
     out = sinogram.new_zeros((B, K, D, H, W))
@@ -120,16 +124,9 @@ def _backproject_impl(sinogram: torch.Tensor, maps: torch.Tensor, weights: torch
     return out
 
 
-_bp_op = define_op("backproject", _backproject_impl)
-
-
-@_bp_op.register_fake
-def _(sinogram, maps, weights, volume_shape):
-    return sinogram.new_empty((sinogram.shape[0], sinogram.shape[1], *volume_shape))
-
-
-def _backproject_backward_impl(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor,
-                               n_slices: int) -> torch.Tensor:
+def backproject_backward(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, n_slices: int) -> torch.Tensor:
+    """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, n_slices)``."""
+    maps, weights = maps.contiguous(), weights.contiguous()
     alert_not_deterministic("backproject_backward", grad.device)
     B, K, D, H, W = grad.shape
     N = maps.shape[0]
@@ -145,53 +142,20 @@ def _backproject_backward_impl(grad: torch.Tensor, maps: torch.Tensor, weights: 
     return out
 
 
-_bp_bwd_op = define_op("backproject_backward", _backproject_backward_impl)
+# ----------------------------------------------------------------------------------------------------------
+# Tooling (compile_check): the kernel variants the GPU launchers use, and small calls to trace.
+
+#: (kernel, pointer dtype overrides, constexprs, num_warps)
+COMPILE_VARIANTS = [
+    ("_backproject_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=256), 4),
+    ("_backproject_adjoint_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=128), 4),
+]
 
 
-@_bp_bwd_op.register_fake
-def _(grad, maps, weights, n_slices):
-    return grad.new_empty((grad.shape[0], grad.shape[1], maps.shape[0], n_slices), dtype=maps.dtype)
-
-
-register_linear_autograd(_bp_op, "backproject_backward", 2,
-                         lambda sinogram, maps, weights, volume_shape: (sinogram.shape[3],))
-register_linear_autograd(_bp_bwd_op, "backproject", 2,
-                         lambda grad, maps, weights, n_slices: (list(grad.shape[2:]),))
-
-
-def backproject(sinogram: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
-                volume_shape: Sequence[int]) -> torch.Tensor:
-    """``(B, K, N, S)`` sinogram → ``(B, K, D, H, W)`` volume (see module doc). Differentiable in
-    ``sinogram`` (exact adjoint); ``volume_maps`` and ``weights`` are constants."""
-    maps, w = _check_projections(sinogram, "sinogram", "(B, K, N, S)", volume_maps, weights)
-    return torch.ops.tonno_fast_triton.backproject(sinogram, maps, w, _shape3(volume_shape))
-
-
-def backproject_backward(grad: torch.Tensor, volume_maps: torch.Tensor, weights: torch.Tensor,
-                         n_slices: int) -> torch.Tensor:
-    """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, n_slices)``."""
-    check_float(grad, "grad")
-    maps = check_maps(volume_maps, grad, "volume_maps")
-    w = check_weights(weights, maps.shape[0], grad)
-    return torch.ops.tonno_fast_triton.backproject_backward(grad, maps, w, int(n_slices))
-
-
-def _check_projections(x: torch.Tensor, name: str, layout: str, volume_maps: torch.Tensor,
-                       weights: torch.Tensor):
-    """Checks the input ``x`` of a backprojection (float, shape ``layout`` with the N directions on axis 2) and
-    returns ``volume_maps`` ``(N, 3, 4)`` and ``weights`` ``(N,)`` as the kernels read them (``x``'s dtype and
-    device, contiguous)."""
-    check_float(x, name)
-    if x.ndim != len(layout.split(",")):
-        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
-    maps = check_maps(volume_maps, x, "volume_maps")
-    if maps.shape[0] != x.shape[2]:
-        raise ValueError(f"volume_maps has {maps.shape[0]} directions but {name} has N = {x.shape[2]}")
-    return maps, check_weights(weights, maps.shape[0], x)
-
-
-def _shape3(volume_shape: Sequence[int]) -> List[int]:
-    shape = [int(x) for x in volume_shape]
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"volume_shape must be (D, H, W) with positive sizes, got {tuple(volume_shape)}")
-    return shape
+def trace_samples(s):
+    """``(op, function, inputs)`` to trace, from compile_check's small samples ``s``."""
+    return [
+        ("backproject", lambda x, m, w: s.ops.backproject(x, m, w, [5, 6, 7]), (s.r(1, 2, 2, 3), s.vm, s.w)),
+        ("backproject_backward", lambda x, m, w: s.ops.backproject_backward(x, m, w, 3),
+         (s.r(1, 2, 5, 6, 7), s.vm, s.w)),
+    ]

@@ -18,15 +18,14 @@ value per slice (zero pixel strides): atomic adds, not bitwise deterministic on 
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, check_float, check_maps, define_op, interpreter_block, launch, one_per_thread,
-                      pow2_block, register_linear_autograd, trilinear_gather)
-from .slice_volume import _slice_coords, launch_adjoint
+from ._common import INTERPRETED, interpreter_block, launch, one_per_thread, pow2_block, slice_taps, trilinear_gather
+from .slice_volume import launch_adjoint
 
 __all__ = ["radon", "radon_backward"]
 
@@ -45,15 +44,20 @@ def _radon_kernel(vol_ptr, maps_ptr, out_ptr,
     for p0 in range(0, hw, BLOCK):
         pix = p0 + tl.arange(0, BLOCK)
         mask = pix < hw
-        d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = _slice_coords(maps_ptr, n, k, pix, w, D, H, W)
+        d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = slice_taps(maps_ptr, n, k, pix, w, D, H, W)
         acc += trilinear_gather(vol, 0, d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1,
                                 svd, svh, svw, mask)
     tl.store(out_ptr + (bc * N + n) * S + k, tl.sum(acc, axis=0))
 
 
-def _radon_impl(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height: int, width: int,
-                scale: float) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------------------
+# Launchers: the ops' implementations (schemas, checks, fake kernels and autograd: tonno_fast.ops.contract).
+
+def radon(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height: int, width: int,
+          scale: float) -> torch.Tensor:
+    """Plane sums ``scale * Σ_ij trilinear(volume, maps[n] @ (k,i,j,1))``: ``(B, C, D, H, W)`` → ``(B, C, N, S)``."""
     B, C, D, H, W = volume.shape
+    maps = maps.contiguous()
     N = maps.shape[0]
     out = volume.new_zeros((B, C, N, n_slices))
     if out.numel() == 0 or height * width == 0:
@@ -65,54 +69,26 @@ def _radon_impl(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height:
     return out * scale
 
 
-_radon_op = define_op("radon", _radon_impl)
-
-
-@_radon_op.register_fake
-def _(volume, maps, n_slices, height, width, scale):
-    return volume.new_empty((volume.shape[0], volume.shape[1], maps.shape[0], n_slices))
-
-
-def _radon_backward_impl(grad: torch.Tensor, maps: torch.Tensor, height: int, width: int, scale: float,
-                         volume_shape: List[int]) -> torch.Tensor:
+def radon_backward(grad: torch.Tensor, maps: torch.Tensor, height: int, width: int, scale: float,
+                   volume_shape: List[int]) -> torch.Tensor:
+    """The adjoint: ``grad`` ``(B, C, N, S)`` → ``(B, C, D, H, W)``."""
     B, C, N, S = grad.shape
     g = grad.to(maps.dtype) * scale
     sb, sc, sn, sk = g.stride()
-    return launch_adjoint(g, (sb, sn, sk, sc, 0, 0), maps, S, height, width, (B, C), volume_shape,
+    return launch_adjoint(g, (sb, sn, sk, sc, 0, 0), maps.contiguous(), S, height, width, (B, C), volume_shape,
                           "radon_backward")
 
 
-_radon_bwd_op = define_op("radon_backward", _radon_backward_impl)
+# ----------------------------------------------------------------------------------------------------------
+# Tooling (compile_check): the kernel variants the GPU launchers use, and small calls to trace.
+
+#: (kernel, pointer dtype overrides, constexprs, num_warps); radon's adjoint is slice_volume's kernel.
+COMPILE_VARIANTS = [("_radon_kernel", {}, dict(BLOCK=256), 8)]
 
 
-@_radon_bwd_op.register_fake
-def _(grad, maps, height, width, scale, volume_shape):
-    return grad.new_empty((grad.shape[0], grad.shape[1], *volume_shape), dtype=maps.dtype)
-
-
-register_linear_autograd(
-    _radon_op, "radon_backward", 1,
-    lambda volume, maps, n_slices, height, width, scale: (height, width, scale, list(volume.shape[2:])))
-register_linear_autograd(
-    _radon_bwd_op, "radon", 1,
-    lambda grad, maps, height, width, scale, volume_shape: (grad.shape[3], height, width, scale))
-
-
-def radon(volume: torch.Tensor, slice_maps: torch.Tensor, n_slices: int, height: int, width: int,
-          scale: float = 1.0) -> torch.Tensor:
-    """Plane sums ``scale * Σ_ij trilinear(volume, slice_maps[n] @ (k,i,j,1))``: ``(B, C, D, H, W)`` →
-    ``(B, C, N, S)``. Differentiable in ``volume`` (exact adjoint)."""
-    check_float(volume, "volume")
-    if volume.ndim != 5:
-        raise ValueError(f"volume must have shape (B, C, D, H, W), got {tuple(volume.shape)}")
-    maps = check_maps(slice_maps, volume, "slice_maps")
-    return torch.ops.tonno_fast_triton.radon(volume, maps, int(n_slices), int(height), int(width), float(scale))
-
-
-def radon_backward(grad: torch.Tensor, slice_maps: torch.Tensor, height: int, width: int, scale: float,
-                   volume_shape: Sequence[int]) -> torch.Tensor:
-    """The adjoint: ``grad`` ``(B, C, N, S)`` → ``(B, C, D, H, W)``."""
-    check_float(grad, "grad")
-    maps = check_maps(slice_maps, grad, "slice_maps")
-    return torch.ops.tonno_fast_triton.radon_backward(grad, maps, int(height), int(width), float(scale),
-                                                      [int(x) for x in volume_shape])
+def trace_samples(s):
+    """``(op, function, inputs)`` to trace, from compile_check's small samples ``s``."""
+    return [
+        ("radon", lambda v, m: s.ops.radon(v, m, 3, 4, 5, 0.5), (s.r(1, 1, 5, 6, 7), s.sm)),
+        ("radon_backward", lambda x, m: s.ops.radon_backward(x, m, 4, 5, 0.5, [5, 6, 7]), (s.r(1, 1, 2, 3), s.sm)),
+    ]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of :mod:`tonno_fast.triton` for a CUDA target, without a GPU.
+"""Compile every Triton kernel of :mod:`tonno_fast.ops.triton` for a CUDA target, without a GPU.
 
 The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) executes the kernels' Python with NumPy
 and never sees the compiler: a type mismatch, a constexpr scoping error or an unsupported op would only
@@ -9,37 +9,47 @@ modules' NOTEs).
 
 Usage (TRITON_INTERPRET must be unset, since interpreted kernels cannot be compiled)::
 
-    python -m tonno_fast.triton.compile_check [--arch 90] [--dtypes fp32 fp64] [--ones] [--registers] [--trace]
+    python -m tonno_fast.ops.triton.compile_check [--arch 90] [--dtypes fp32 fp64] [--ones] [--registers] [--trace]
 
 ``--trace`` also traces every op as the ``triton_op`` a GPU machine registers (see :func:`trace_ops`).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-# (module, kernel, pointer dtype overrides, constexprs, num_warps): the variants the GPU launchers use.
-VARIANTS: List[Tuple[str, str, Dict[str, str], Dict[str, object], int]] = [
-    ("slice_volume", "_slice_kernel", {}, dict(HAS_FILL=False, WINDOW=False, VIA_F32=False, BLOCK=256), 8),
-    ("slice_volume", "_slice_kernel", {"out_ptr": "bf16"},
-     dict(HAS_FILL=True, WINDOW=True, VIA_F32=True, BLOCK=256), 8),
-    ("slice_volume", "_slice_adjoint_kernel", {"g_ptr": "bf16"}, dict(BLOCK=256), 8),
-    ("radon", "_radon_kernel", {}, dict(BLOCK=256), 8),
-    ("backproject", "_backproject_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=256), 4),
-    ("backproject", "_backproject_adjoint_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=128), 4),
-    ("backproject_slices", "_bps_kernel", {}, dict(LAPLACIAN=False, BLOCK_BK=4, BLOCK_V=128), 4),
-    ("backproject_slices", "_bps_kernel", {}, dict(LAPLACIAN=True, BLOCK_BK=4, BLOCK_V=128), 4),
-    ("backproject_slices", "_bps_adjoint_kernel", {}, dict(LAPLACIAN=False, BLOCK_BK=4, BLOCK_V=128), 4),
-    ("backproject_slices", "_bps_adjoint_kernel", {}, dict(LAPLACIAN=True, BLOCK_BK=4, BLOCK_V=128), 4),
-    ("affine_grid_sample", "_ags_kernel", {}, dict(BLOCK=256), 8),
-    ("affine_grid_sample", "_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=True, BLOCK=128), 4),
-    ("affine_grid_sample", "_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=False, BLOCK=128), 4),
-]
+
+def op_modules() -> List:
+    """The op modules of the Triton backend (one per forward op: kernels, launchers, the compile variants
+    ``COMPILE_VARIANTS`` and the tracing samples ``trace_samples``)."""
+    from .backend import op_modules as modules
+    return list(modules().values())
+
+
+def variants():
+    """``(module, (kernel, pointer dtype overrides, constexprs, num_warps))`` for every kernel variant the GPU
+    launchers use."""
+    return [(m, v) for m in op_modules() for v in m.COMPILE_VARIANTS]
+
+
+class TraceSamples:
+    """Small inputs for :func:`trace_ops`: a 5×6×7 volume, 2 directions, 3 slices of 4×5 pixels (float32, CPU)."""
+
+    def __init__(self):
+        import torch
+
+        from ...geometry import make_geometry
+
+        self.ops = torch.ops.tonno_fast_triton
+        g = make_geometry((5, 6, 7), directions=[[0, 0, 1], [1, 2, 3]], n_slices=3, slice_size=(4, 5))
+        self.sm, self.vm = g.slice_maps(dtype=torch.float32), g.volume_maps(dtype=torch.float32)
+        self.w = g.weights.float()
+        self.theta = torch.eye(3, 4).expand(2, 3, 4).contiguous()
+        self.r = torch.randn
 
 
 def _signature(fn, dtype: str, overrides: Dict[str, str], constexprs: Dict[str, object], ones: bool):
@@ -91,8 +101,8 @@ def compile_all(arch: int = 90, dtypes=("fp32",), registers: bool = False, ones:
     report = []
     passes = [(dtype, False) for dtype in dtypes] + ([("fp32", True)] if ones else [])
     for dtype, all_ones in passes:
-        for module, kernel, overrides, constexprs, warps in VARIANTS:
-            fn = getattr(importlib.import_module(f"{__package__}.{module}"), kernel)
+        for module, (kernel, overrides, constexprs, warps) in variants():
+            fn = getattr(module, kernel)
             sig, consts = _signature(fn, dtype, overrides, constexprs, all_ones)
             compiled = triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": warps})
             line = f"{kernel} {dtype}{' ints=1' if all_ones else ''} {constexprs} num_warps={warps}: ok"
@@ -114,35 +124,11 @@ def trace_ops() -> List[str]:
     import torch
     from torch._functorch.aot_autograd import aot_function
 
-    from ..geometry import make_geometry
-
     # Without a GPU, torch cannot lower a kernel to TTIR to find which arguments it writes and logs a warning
     # with a traceback per launch (on the "torch._dynamo" logger) before assuming all of them; irrelevant here.
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    importlib.import_module(__package__)
-    ops = torch.ops.tonno_fast_triton
-    g = make_geometry((5, 6, 7), directions=[[0, 0, 1], [1, 2, 3]], n_slices=3, slice_size=(4, 5))
-    sm, vm, w = g.slice_maps(dtype=torch.float32), g.volume_maps(dtype=torch.float32), g.weights.float()
-    theta = torch.eye(3, 4).expand(2, 3, 4).contiguous()
-    r = torch.randn
-    cases = [
-        ("slice_volume", lambda v, m: ops.slice_volume(v, m, 3, 4, 5, 0.5, torch.bfloat16, [0.0, 1.0], 3),
-         (r(1, 1, 5, 6, 7), sm)),
-        ("slice_volume_backward", lambda x, m: ops.slice_volume_backward(x, m, [5, 6, 7]), (r(1, 2, 3, 1, 4, 5), sm)),
-        ("radon", lambda v, m: ops.radon(v, m, 3, 4, 5, 0.5), (r(1, 1, 5, 6, 7), sm)),
-        ("radon_backward", lambda x, m: ops.radon_backward(x, m, 4, 5, 0.5, [5, 6, 7]), (r(1, 1, 2, 3), sm)),
-        ("backproject", lambda s, m, w: ops.backproject(s, m, w, [5, 6, 7]), (r(1, 2, 2, 3), vm, w)),
-        ("backproject_backward", lambda x, m, w: ops.backproject_backward(x, m, w, 3), (r(1, 2, 5, 6, 7), vm, w)),
-        ("backproject_slices", lambda s, m, w: ops.backproject_slices(s, m, w, [5, 6, 7], 0.9),
-         (r(1, 2, 2, 3, 4, 5), vm, w)),
-        ("backproject_slices_backward", lambda x, m, w: ops.backproject_slices_backward(x, m, w, [3, 4, 5], 0.9),
-         (r(1, 2, 5, 6, 7), vm, w)),
-        ("affine_grid_sample", lambda v, t: ops.affine_grid_sample(v, t, [2, 2, 3, 4, 5], False),
-         (r(2, 2, 5, 6, 7), theta)),
-        ("affine_grid_sample_backward",
-         lambda x, v, t: ops.affine_grid_sample_backward(x, v, t, False, True, True),
-         (r(2, 2, 3, 4, 5), r(2, 2, 5, 6, 7), theta)),
-    ]
+    samples = TraceSamples()
+    cases = [case for module in op_modules() for case in module.trace_samples(samples)]
 
     class _Traced(Exception):
         pass
