@@ -321,18 +321,28 @@ TF_HD int32_t interior_floor(T x, int32_t top) {
   return k > top ? top : k;
 }
 
+// Trilinear interpolation from the eight corner values v<i0><i1><i2> (i = 0: lower, 1: upper corner along
+// each axis) and the fractions f0, f1, f2; Acc may be a SIMD vector type (csrc/ops/cpu/simd.h), whose lanes
+// then evaluate the same expression.
+template <typename Acc>
+TF_HD Acc trilinear_corners(Acc v000, Acc v001, Acc v010, Acc v011, Acc v100, Acc v101, Acc v110, Acc v111, Acc f0,
+                            Acc f1, Acc f2) {
+  const Acc c00 = v000 + f2 * (v001 - v000);
+  const Acc c01 = v010 + f2 * (v011 - v010);
+  const Acc c10 = v100 + f2 * (v101 - v100);
+  const Acc c11 = v110 + f2 * (v111 - v110);
+  const Acc c0 = c00 + f1 * (c01 - c00);
+  const Acc c1 = c10 + f1 * (c11 - c10);
+  return c0 + f0 * (c1 - c0);
+}
+
 // Trilinear interpolation at an interior point: all eight corners valid, lower corner at flat index o,
 // strides s0, s1 and 1, fractions f0, f1, f2. Indexed as a[o + ...] (not through a pointer p = a + o) so
 // that GCC vectorises loops over points with gathers; I is the index type (int32_t on the CPU fast path).
 template <typename T, typename Acc = T, typename I = int64_t>
 TF_HD Acc trilinear_interior(const T* a, I o, I s0, I s1, Acc f0, Acc f1, Acc f2) {
-  const Acc c00 = Acc(a[o]) + f2 * (Acc(a[o + 1]) - Acc(a[o]));
-  const Acc c01 = Acc(a[o + s1]) + f2 * (Acc(a[o + s1 + 1]) - Acc(a[o + s1]));
-  const Acc c10 = Acc(a[o + s0]) + f2 * (Acc(a[o + s0 + 1]) - Acc(a[o + s0]));
-  const Acc c11 = Acc(a[o + s0 + s1]) + f2 * (Acc(a[o + s0 + s1 + 1]) - Acc(a[o + s0 + s1]));
-  const Acc c0 = c00 + f1 * (c01 - c00);
-  const Acc c1 = c10 + f1 * (c11 - c10);
-  return c0 + f0 * (c1 - c0);
+  return trilinear_corners(Acc(a[o]), Acc(a[o + 1]), Acc(a[o + s1]), Acc(a[o + s1 + 1]), Acc(a[o + s0]),
+                           Acc(a[o + s0 + 1]), Acc(a[o + s0 + s1]), Acc(a[o + s0 + s1 + 1]), f0, f1, f2);
 }
 
 // trilinear_interior and its gradient with respect to the continuous index (x0, x1, x2), for an interior
