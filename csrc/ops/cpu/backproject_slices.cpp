@@ -13,17 +13,22 @@ namespace {
 template <typename T>
 void backproject_slices_kernel(const T* stacks, const T* maps, const T* weights, int64_t BK, int64_t N, int64_t S,
                                int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T* out) {
-  const int64_t Shw = S * h * w;
-  // One task per voxel row (d, h): gather from every stack, accumulators for the row stay in L1.
-  for_each_voxel_row(BK, D, H, W, out, [&](int64_t d, int64_t hh, T* acc) {
-    for (int64_t n = 0; n < N; ++n) {
-      const T* M = maps + 12 * n;
+  const int64_t Shw = S * h * w, DHW = D * H * W;
+  // Directions outermost, one after the other; within a direction, one task per voxel row (d, h):
+  // out[q, d, h, :] += weights[n] * trilinear(stacks[q, n], x(v)) along the row (q = b*K + k). Each voxel
+  // receives its N contributions in direction order, whatever the thread count (deterministic). Walking all
+  // voxels for one stack at a time reads each stack once, in order, from memory; with the directions inside
+  // the voxel row (the order before), every row visited all N stacks (N*S*h*w values, far more than the
+  // caches) and missed on almost every corner: 64 stacks of 111 x 64² into 64³ took ~0.8 s.
+  std::fill(out, out + BK * DHW, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* M = maps + 12 * n;
+    parallel_for_dynamic(D * H, [&](int64_t dh) {
       T x[3], step[3];
-      map_row(M, T(d), T(hh), x, step);
-      // acc[q, :] += weights[n] * trilinear(stacks[q, n], x(v)) along the row (q = b*K + k).
-      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], acc, W);
-    }
-  });
+      map_row(M, T(dh / H), T(dh % H), x, step);
+      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], out + dh * W, DHW);
+    });
+  }
 }
 
 template <typename T>
