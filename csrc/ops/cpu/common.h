@@ -232,7 +232,9 @@ inline void sample_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nb
         O* __restrict o = out + b * out_sb + c * out_sc + r.k0;
         int32_t j0 = 0;
 #if TF_SIMD_AVX2
-        if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) j0 = sample_interior_pairs(v, off, s0, s1, f0, f1, f2, m, o);
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+          j0 = sample_interior_pairs(v, off, s0, s1, f0, f1, f2, m, o);
+        }
 #endif
 #pragma omp simd
         for (int32_t j = j0; j < m; ++j) {

@@ -87,7 +87,9 @@ inline F32x8 window_gather(const float* p, int32_t m, I32x8 l) {
 // cost of a gather on Zen 4 is per element). i must be in the order of pair_order(indices) (lanes 0, 1, 4, 5,
 // 2, 3, 6, 7: the two gathers take lanes 0-1 and 4-5, 2-3 and 6-7, so that two in-lane shuffles restore the
 // natural order); permute once per vector, whatever the number of pairs read with it.
-inline I32x8 pair_order(I32x8 i) { return I32x8(_mm256_permutevar8x32_epi32(i.v, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7))); }
+inline I32x8 pair_order(I32x8 i) {
+  return I32x8(_mm256_permutevar8x32_epi32(i.v, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)));
+}
 inline void gather_pairs(const float* p, I32x8 i, F32x8& lo, F32x8& hi) {
   const double* q = reinterpret_cast<const double*>(p);  // byte offset 4 * i: scale 4
   const __m256 a = _mm256_castpd_ps(_mm256_i32gather_pd(q, _mm256_castsi256_si128(i.v), 4));
