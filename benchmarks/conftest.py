@@ -65,7 +65,9 @@ def _nbytes(out) -> int:
 @pytest.fixture
 def run_case(benchmark):
     """``run_case(case, backend, fn, work, unit, rounds)``: time ``fn`` (medians over ``rounds``), measure its
-    peak memory once, and record everything for the summary."""
+    peak memory once (one more call, before the timed ones), and record everything for the summary. Returns the
+    record (a dict; its ``ops_fraction``, if the caller sets one, is printed in the summary), or None when
+    timing is disabled."""
 
     def run(case: str, backend: str, fn, work: float, unit: str, rounds: int = 3):
         peak, out = peak_extra_bytes(fn)
@@ -74,7 +76,7 @@ def run_case(benchmark):
         benchmark.group = case
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
         if benchmark.disabled:  # --benchmark-disable: the call ran once as a smoke test, nothing was timed
-            return
+            return None
         median = benchmark.stats.stats.median
         info = {
             "backend": backend, "op": case, "work": work, "unit": unit,
@@ -84,6 +86,7 @@ def run_case(benchmark):
         }
         benchmark.extra_info.update(info)
         _RESULTS[case][backend] = dict(info, median_s=median)
+        return _RESULTS[case][backend]
 
     return run
 
@@ -101,5 +104,7 @@ def pytest_terminal_summary(terminalreporter):
             ratio = f"{ref['median_s'] / r['median_s']:.1f}x" if ref and backend != "reference" else ""
             tr.write_line(f"{case:<44} {backend:<10} {r['median_s'] * 1e3:>8.1f}ms "
                           f"{r['throughput_G_per_s']:>7.3f} G {r['unit']:<6} {ratio:>7} "
-                          f"{r['peak_extra_MiB']:>7.0f}Mi {r['output_MiB']:>7.0f}Mi")
-    tr.write_line(f"threads: {torch.get_num_threads()}, cpu: {os.cpu_count()} logical")
+                          f"{r['peak_extra_MiB']:>7.0f}Mi {r['output_MiB']:>7.0f}Mi"
+                          + (f"  ops {100 * r['ops_fraction']:.0f} %" if "ops_fraction" in r else ""))
+    tr.write_line(f"threads: {torch.get_num_threads()}, cpu: {os.cpu_count()} logical, "
+                  f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -4,28 +4,16 @@ little the ops cost next to the encoder (target: ops < 10% of the total).
 
 CPU (pytest-benchmark, ``make bench``): a 64³ float32 volume, 64 directions, 64×64 slices (δ follows,
 111 slices per direction: 7,104 slices), a small CNN (two strided 3×3 convolutions, 8 and 16 channels).
-The split is in ``benchmark.extra_info`` (seconds per round and fractions).
+Each pipeline runs on the compiled ``cpu`` backend and on the ``reference`` backend in the same run (the
+summary table of ``conftest.py`` gives the ratio); the split is in ``benchmark.extra_info`` (seconds per
+round and fractions). The slice-wise baseline uses no op and runs once.
 
 GPU (``python benchmarks/test_bench_pipeline.py --device cuda --model resnet18 --autocast bf16``): the same
 pipelines with a torchvision ResNet-18 (random weights, 1 → 3 channel replication, 224×224 slices), the
 volume and the model on the GPU; prints one line per pipeline with the split. Meant to be called from
 ``benchmarks/gpu/run.sh``.
 
-Measured 2026-11-28, this 2-core CPU machine *shared with other jobs* (load average ≈ 10, so every number is
-inflated several-fold and only the fractions mean much), compiled ``cpu`` backend, medians of 3 rounds:
-
-| pipeline        | total s | slicing | encoder | reconstruction | ops fraction |
-|-----------------|--------:|--------:|--------:|---------------:|-------------:|
-| tonno           |   2.50  |  0.39   |  2.18   |  0.23          | 22 %         |
-| averaged_cam    |   6.36  |  0.29   |  4.23   |  1.53          | 30 %         |
-| tomographic_cam |   6.96  |  0.27   |  4.14   |  2.19          | 37 %         |
-| slicewise_cam   |   0.08  |  0.00   |  0.04   |  0.00          |  0 %         |
-
-With this deliberately tiny CNN (0.4 M multiply-adds per slice) the ops are 20–40 % of the time; the 10 %
-target holds for encoders of ResNet size (ResNet-18 at 64² costs ~150 M multiply-adds per slice, 370× more).
-The CAM reconstruction is dominated by ``backproject_slices`` (64 stacks of 111 × 64² into 64³, 16.7 M
-trilinear samples, ≈ 1.1–1.5 s under this load); the filter along S, done as one ``S × S`` matmul, ≈ 0.4 s
-(the FFT path it replaced took 2.5 s).
+Measured numbers: ``benchmarks/RESULTS.md``, "Pipelines end to end (CPU)".
 """
 from __future__ import annotations
 
@@ -66,14 +54,15 @@ def phantom(n: int, device="cpu") -> torch.Tensor:
     return torch.exp(-r1 / (2 * (n / 10) ** 2)) + 0.7 * torch.exp(-r2 / (2 * (n / 14) ** 2))
 
 
-def pipelines(encoder, target_layer: str, **geometry) -> Dict[str, Callable]:
-    """``name → fn(volume, timings)`` for every pipeline, all with the same geometry."""
+def pipelines(encoder, target_layer: str, backend: str = "auto", **geometry) -> Dict[str, Callable]:
+    """``name → fn(volume, timings)`` for every pipeline, all with the same geometry and ops ``backend``."""
     return {
-        "tonno": lambda v, t: tf.tomographic_heatmap(v, encoder, timings=t, **geometry),
+        "tonno": lambda v, t: tf.tomographic_heatmap(v, encoder, timings=t, backend=backend, **geometry),
         "averaged_cam": lambda v, t: tf.averaged_cam(v, encoder, target_layers=target_layer, method="gradcam",
-                                                     timings=t, **geometry),
+                                                     timings=t, backend=backend, **geometry),
         "tomographic_cam": lambda v, t: tf.tomographic_cam(v, encoder, target_layers=target_layer,
-                                                           method="layercam", timings=t, **geometry),
+                                                           method="layercam", timings=t, backend=backend,
+                                                           **geometry),
         "slicewise_cam": lambda v, t: tf.slicewise_cam(v, encoder, target_layers=target_layer, method="gradcam",
                                                        timings=t, slice_size=geometry.get("slice_size"),
                                                        batch_size=geometry.get("batch_size")),
@@ -101,17 +90,29 @@ except ImportError:  # the GPU script runs without pytest
 if pytest is not None:
     CPU_GEOMETRY = dict(n_directions=64, slice_size=64, batch_size=512, spacing=(1.0, 1.0, 1.0))
 
-    @pytest.mark.filterwarnings("ignore:tonno_fast. compiled CPU kernels unavailable")
-    @pytest.mark.parametrize("name", ["tonno", "averaged_cam", "tomographic_cam", "slicewise_cam"])
-    def test_pipeline_cpu_64(benchmark, name):
+    CPU_SLICES = 64 * 111  # slices scored per call (the work unit of the summary table)
+
+    @pytest.mark.parametrize("backend", ["cpu", "reference"])
+    @pytest.mark.parametrize("name", ["tonno", "averaged_cam", "tomographic_cam"])
+    def test_pipeline_cpu_64(run_case, benchmark, name, backend):
+        if backend == "cpu" and tf.backends()["cpu"] != "available":
+            pytest.skip(f"compiled CPU kernels unavailable: {tf.backends()['cpu']}")
         vol = phantom(64)
-        fn = pipelines(tf.Encoder(small_cnn()), "2", **CPU_GEOMETRY)[name]
+        fn = pipelines(tf.Encoder(small_cnn()), "2", backend=backend, **CPU_GEOMETRY)[name]
         timings: Dict[str, float] = {}
-        rounds = 3
-        benchmark.pedantic(fn, args=(vol, timings), rounds=rounds, iterations=1, warmup_rounds=0)
-        benchmark.extra_info.update(split(timings, rounds))
-        benchmark.extra_info["backend"] = "cpu" if tf.backends()["cpu"] == "available" else "reference"
-        benchmark.extra_info["threads"] = torch.get_num_threads()
+        rounds = 3 if backend == "cpu" else 2
+        record = run_case(f"pipeline {name}", backend, lambda: fn(vol, timings), CPU_SLICES, "slices",
+                          rounds=rounds)
+        shares = split(timings, rounds + 1)  # run_case's memory call and the timed rounds
+        benchmark.extra_info.update(shares)
+        if record is not None:
+            record.update(shares)
+
+    @pytest.mark.filterwarnings("ignore:tonno_fast. compiled CPU kernels unavailable")
+    def test_pipeline_cpu_64_slicewise(benchmark):
+        vol = phantom(64)
+        fn = pipelines(tf.Encoder(small_cnn()), "2", **CPU_GEOMETRY)["slicewise_cam"]
+        benchmark.pedantic(fn, args=(vol, {}), rounds=3, iterations=1, warmup_rounds=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

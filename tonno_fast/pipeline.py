@@ -24,6 +24,7 @@ the ends of a stack are obtained.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -155,7 +156,10 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
         compute: model-channel slices ``(M, c, h, w)`` → ``(M, K)`` scores or ``(M, K, h, w)`` CAMs, on the
             slices' device.
         finish: ``finish(n0, n1, buffer)`` with ``buffer`` ``(B, K, n1 - n0, S, ...)`` of ``buffer_dtype``:
-            the results of directions ``n0 ≤ n < n1``; it may modify the buffer in place.
+            the results of directions ``n0 ≤ n < n1``; it may modify the buffer in place. The buffers of all
+            chunks share one allocation (fresh pages are faulted in once per call, not once per chunk), so
+            ``finish`` must not keep a reference to ``buffer`` when there is more than one chunk (with
+            ``held_bytes_per_direction=0`` there is one).
         stats: z-score statistics from ``encoder.prepare_volume``.
         batch_size: slices per ``compute`` call.
         max_memory: bytes (default :data:`DEFAULT_MAX_MEMORY`) shared as in the module docstring.
@@ -185,6 +189,7 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
         from tqdm.auto import tqdm
         bar = tqdm(total=B * N * S, desc="encoding slices", unit="slice")
     K = None
+    storage = None  # the chunk buffers' memory, allocated once per call (fresh pages are faulted in once)
     try:
         for n0 in range(0, N, n_chunk):
             n1 = min(N, n0 + n_chunk)
@@ -214,8 +219,11 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
                     if buffer is None:
                         if on_outputs is not None and n0 == 0:
                             on_outputs(K)
-                        buffer = torch.empty((B, K, n1 - n0, S) + tuple(res.shape[4:]), dtype=buffer_dtype,
-                                             device=vol.device)
+                        shape = (B, K, n1 - n0, S) + tuple(res.shape[4:])
+                        if storage is None:
+                            storage = torch.empty(math.prod((B, K, n_chunk) + shape[3:]), dtype=buffer_dtype,
+                                                  device=vol.device)
+                        buffer = storage[:math.prod(shape)].view(shape)
                     buffer[:, :, a0 - n0:a1 - n0, k0:k1] = res
                     del res
             with timer("reconstruction"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
+from harness import (DIRECTIONS, GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
                      assert_matches, assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck,
                      opcheck, rand, vjp)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
@@ -62,6 +62,44 @@ def test_matches_reference(kernels, geom, dtype):
     assert not sino.is_contiguous()
     out = against_reference(kernels, backproject(g), sino, seed=13)
     assert out.shape == (2, 3, *g.volume_shape) and out.dtype == dtype
+
+
+# Geometries that reach every path of the CPU kernel: float32 voxel blocks of 4 columns x 2 rows reading
+# windows of the sinogram row, with and without clamping (a stack that does not cover the volume); gathers
+# where the taps of a block spread over more than 8 values (slices much finer than the voxels); column and
+# row tails (W % 4 != 0, odd H); volumes narrower than a block.
+PATH_CASES = {
+    "covering stack": dict(shape=(5, 10, 16)),
+    "partial stack": dict(shape=(5, 9, 23), n_slices=7),
+    "fine slices": dict(shape=(4, 6, 13), slice_spacing=0.15),
+    "narrow": dict(shape=(3, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_matches_reference_on_every_path(kernels, case, dtype):
+    if kernels.interpreted and case != "narrow":
+        pytest.skip("too large for the Triton interpreter")
+    kw = dict(PATH_CASES[case])
+    shape = kw.pop("shape")
+    g = tf.make_geometry(shape, spacing=(1.2, 1.0, 0.9), directions=DIRECTIONS, **kw)
+    against_reference(kernels, backproject(g), rand(1, 2, g.n_directions, g.n_slices, dtype=dtype, seed=6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonfinite_maps_read_padding(kernels, dtype):
+    """A NaN or infinite map entry reads padding (zero), as in the reference, on every path."""
+    shape = (3, 4, 9)
+    g = tf.make_geometry(shape, n_directions=4)
+    maps, w = g.volume_maps(), g.weights
+    maps[0, 0, 3] = math.nan
+    maps[1, 0, 2] = math.inf
+    maps[2, 0, 1] = 1e30
+    sino = rand(1, 1, g.n_directions, g.n_slices, seed=7)
+    expected = REFERENCE.backproject(sino, maps, w, list(shape))
+    out = kernels.call("backproject", sino.to(dtype), maps.to(dtype), w.to(dtype), list(shape))
+    assert_matches(kernels, out.cpu(), expected.to(dtype))
 
 
 def test_long_rows_fall_back_to_global_memory(kernels):

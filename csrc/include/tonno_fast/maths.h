@@ -214,24 +214,69 @@ TF_HD void clip_range(T amin, T amax, T b, T lo, T hi, int64_t n, int64_t& first
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Helper of the backprojection kernels.
+// Interpolation along zero-padded rows: the backprojection kernels (CUDA, and CPU, whose vector path runs
+// these templates on SIMD vectors).
 
-// Linear interpolation at continuous index x of a row r[0..n-1] stored zero-padded, p[0] = 0,
-// p[1 + i] = r[i], p[n + 1] = p[n + 2] = 0 (n + 3 values): for a finite row, the same value as linear_taps
-// with taps outside [0, n-1] reading zero, but without branches or index clamping (the hot loop of a
-// backprojection: one floor, two loads, two multiply-adds). x is clamped to [-1, n] first, where both taps
-// read padding; NaN reads padding too. n must be below 2^31.
+// Building blocks of the formulas below that CPU kernels also run on SIMD vectors (csrc/ops/cpu/simd.h):
+// templates over the value type T call these unqualified, and a vector type brings its own overloads
+// (found by argument-dependent lookup), so scalar, CUDA and vector code evaluate the same expressions.
+// clamp_low(x, lo) = x > lo ? x : lo and clamp_high(x, hi) = x < hi ? x : hi: a NaN x gives the bound.
+template <typename T>
+TF_HD T clamp_low(T x, T lo) {
+  return x > lo ? x : lo;
+}
+template <typename T>
+TF_HD T clamp_high(T x, T hi) {
+  return x < hi ? x : hi;
+}
+// Truncation toward zero to int32 (x must lie in int32's range).
+template <typename T>
+TF_HD int32_t to_int32(T x) {
+  return static_cast<int32_t>(x);
+}
+
+// The lower tap and the fraction of linear interpolation at continuous index x of a row of n values stored
+// zero-padded, p[0] = 0, p[1 + i] = r[i], p[n + 1] = p[n + 2] = 0 (n + 3 values), given u = x + 1 (the padded
+// index): u is clamped to [0, n + 1], where both taps read padding (NaN reads padding too), so truncation is
+// floor and i, in [0, n + 1], is the padded index of the lower tap, f = u - i in [0, 1]. Without branches or
+// index clamping (the hot loop of a backprojection). n must be below 2^24 - 1 for float, 2^31 - 1 otherwise.
+// (Truncation of u and taps p[i], p[i + 1] rather than floor(x) and p[i + 1], p[i + 2]: GCC vectorises this
+// form of the CPU loop with gathers and not the other, 1.7 vs 2.8 G updates/s for backproject here.)
+template <typename T, typename I>
+TF_HD void padded_tap_shifted(T u, int64_t n, I& i, T& f) {
+  u = clamp_low(u, T(0));
+  u = clamp_high(u, T(n + 1));
+  i = to_int32(u);
+  f = u - T(i);
+}
+
+// The same at continuous index x: u = x + 1 first, which gives the same bits as clamping x to [-1, n] first.
+template <typename T, typename I>
+TF_HD void padded_tap(T x, int64_t n, I& i, T& f) {
+  padded_tap_shifted(x + T(1), n, i, f);
+}
+
+// Linear interpolation from the lower tap a, the difference d = b - a to the upper tap b and the fraction f.
+template <typename T>
+TF_HD T lerp_difference(T a, T d, T f) {
+  return a + f * d;
+}
+
+// Linear interpolation between the taps a (weight 1 - f) and b (weight f).
+template <typename T>
+TF_HD T lerp_taps(T a, T b, T f) {
+  return lerp_difference(a, b - a, f);
+}
+
+// Linear interpolation at continuous index x of a row r[0..n-1] stored zero-padded (see padded_tap): for a
+// finite row, the same value as linear_taps with taps outside [0, n-1] reading zero (up to rounding), with
+// one truncation, two loads, a subtraction and a multiply-add.
 template <typename T>
 TF_HD T lerp_zero_padded(const T* p, int64_t n, T x) {
-  x = x > T(-1) ? x : T(-1);  // also maps NaN to -1
-  x = x < T(n) ? x : T(n);
-  // u = x + 1 >= 0, so truncation is floor: padded index of the lower tap, in [0, n + 1]. (Written with
-  // truncation and p[i], p[i + 1] rather than floor(x) and p[i + 1], p[i + 2]: GCC vectorises this form
-  // of the CPU loop with gathers and not the other, 1.7 vs 2.8 G updates/s for backproject here.)
-  const T u = x + T(1);
-  const int32_t i = static_cast<int32_t>(u);
-  const T f = u - T(i);
-  return (T(1) - f) * p[i] + f * p[i + 1];
+  int32_t i;
+  T f;
+  padded_tap(x, n, i, f);
+  return lerp_taps(p[i], p[i + 1], f);
 }
 
 // The counterpart of clip_range: integer range [first, last) of t in [0, n) on which lo <= a + t*b <= hi
@@ -276,18 +321,28 @@ TF_HD int32_t interior_floor(T x, int32_t top) {
   return k > top ? top : k;
 }
 
+// Trilinear interpolation from the eight corner values v<i0><i1><i2> (i = 0: lower, 1: upper corner along
+// each axis) and the fractions f0, f1, f2; Acc may be a SIMD vector type (csrc/ops/cpu/simd.h), whose lanes
+// then evaluate the same expression.
+template <typename Acc>
+TF_HD Acc trilinear_corners(Acc v000, Acc v001, Acc v010, Acc v011, Acc v100, Acc v101, Acc v110, Acc v111, Acc f0,
+                            Acc f1, Acc f2) {
+  const Acc c00 = v000 + f2 * (v001 - v000);
+  const Acc c01 = v010 + f2 * (v011 - v010);
+  const Acc c10 = v100 + f2 * (v101 - v100);
+  const Acc c11 = v110 + f2 * (v111 - v110);
+  const Acc c0 = c00 + f1 * (c01 - c00);
+  const Acc c1 = c10 + f1 * (c11 - c10);
+  return c0 + f0 * (c1 - c0);
+}
+
 // Trilinear interpolation at an interior point: all eight corners valid, lower corner at flat index o,
 // strides s0, s1 and 1, fractions f0, f1, f2. Indexed as a[o + ...] (not through a pointer p = a + o) so
 // that GCC vectorises loops over points with gathers; I is the index type (int32_t on the CPU fast path).
 template <typename T, typename Acc = T, typename I = int64_t>
 TF_HD Acc trilinear_interior(const T* a, I o, I s0, I s1, Acc f0, Acc f1, Acc f2) {
-  const Acc c00 = Acc(a[o]) + f2 * (Acc(a[o + 1]) - Acc(a[o]));
-  const Acc c01 = Acc(a[o + s1]) + f2 * (Acc(a[o + s1 + 1]) - Acc(a[o + s1]));
-  const Acc c10 = Acc(a[o + s0]) + f2 * (Acc(a[o + s0 + 1]) - Acc(a[o + s0]));
-  const Acc c11 = Acc(a[o + s0 + s1]) + f2 * (Acc(a[o + s0 + s1 + 1]) - Acc(a[o + s0 + s1]));
-  const Acc c0 = c00 + f1 * (c01 - c00);
-  const Acc c1 = c10 + f1 * (c11 - c10);
-  return c0 + f0 * (c1 - c0);
+  return trilinear_corners(Acc(a[o]), Acc(a[o + 1]), Acc(a[o + s1]), Acc(a[o + s1 + 1]), Acc(a[o + s0]),
+                           Acc(a[o + s0 + 1]), Acc(a[o + s0 + s1]), Acc(a[o + s0 + s1 + 1]), f0, f1, f2);
 }
 
 // trilinear_interior and its gradient with respect to the continuous index (x0, x1, x2), for an interior

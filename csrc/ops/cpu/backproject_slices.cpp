@@ -13,15 +13,27 @@ namespace {
 template <typename T>
 void backproject_slices_kernel(const T* stacks, const T* maps, const T* weights, int64_t BK, int64_t N, int64_t S,
                                int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T* out) {
-  const int64_t Shw = S * h * w;
-  // One task per voxel row (d, h): gather from every stack, accumulators for the row stay in L1.
-  for_each_voxel_row(BK, D, H, W, out, [&](int64_t d, int64_t hh, T* acc) {
+  const int64_t Shw = S * h * w, DHW = D * H * W;
+  // One task per slab of kSlab voxel planes; within it, directions outermost: for n in order, for every
+  // row (d, h) of the slab, out[q, d, h, :] += weights[n] * trilinear(stacks[q, n], x(v)) (q = b*K + k).
+  // Each voxel receives its N contributions in direction order, whatever the thread count (deterministic).
+  // A slab reads one stack at a time, the oblique part of it that the slab maps to, and its planes share
+  // most corners: they stay in cache. With the directions inside each voxel row (the order before), every
+  // row visited all N stacks (N*S*h*w values, far more than the caches) and missed on almost every
+  // corner. Measured per core (64 stacks of 111 x 64² into 64³): directions inside the row 0.58 s, one
+  // task per plane 0.64 s (a plane alone has little reuse), directions outermost over the whole volume
+  // 0.17 s (but one parallel loop per direction: N barriers, which stall two threads on a loaded machine).
+  constexpr int64_t kSlab = 8;
+  parallel_for_dynamic((D + kSlab - 1) / kSlab, [&](int64_t slab) {
+    const int64_t d0 = slab * kSlab, d1 = std::min(D, d0 + kSlab);
+    for (int64_t q = 0; q < BK; ++q) std::fill(out + q * DHW + d0 * H * W, out + q * DHW + d1 * H * W, T(0));
     for (int64_t n = 0; n < N; ++n) {
       const T* M = maps + 12 * n;
-      T x[3], step[3];
-      map_row(M, T(d), T(hh), x, step);
-      // acc[q, :] += weights[n] * trilinear(stacks[q, n], x(v)) along the row (q = b*K + k).
-      accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], acc, W);
+      for (int64_t dh = d0 * H; dh < d1 * H; ++dh) {
+        T x[3], step[3];
+        map_row(M, T(dh / H), T(dh % H), x, step);
+        accumulate_row<T>(stacks + n * Shw, S, h, w, BK, N * Shw, x, step, W, weights[n], out + dh * W, DHW);
+      }
     }
   });
 }

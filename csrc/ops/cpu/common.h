@@ -20,11 +20,13 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tonno_fast/checks.h"
 #include "tonno_fast/registration.h"
 #include "tonno_fast/maths.h"
+#include "simd.h"
 
 namespace tonno_fast {
 namespace cpu {
@@ -180,6 +182,30 @@ inline InteriorTaps<T>& interior_taps(const T x[3], const T step[3], int64_t n0,
   return it;
 }
 
+#if TF_SIMD_AVX2
+// Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): o[j] = trilinear_interior(v, off[j], ...)
+// with the eight corners read as four pairs of adjacent values along the last axis (simd::gather_pairs: half
+// the element loads of eight gathers); the same expression (maths::trilinear_corners), lane by lane, as the
+// scalar loop. Returns the number of points written.
+inline int32_t sample_interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
+                                     const float* f1, const float* f2, int32_t m, float* o) {
+  using simd::F32x8;
+  int32_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const simd::I32x8 i = simd::pair_order(simd::I32x8::load(off + j));
+    F32x8 v000, v001, v010, v011, v100, v101, v110, v111;
+    simd::gather_pairs(v, i, v000, v001);
+    simd::gather_pairs(v + s1, i, v010, v011);
+    simd::gather_pairs(v + s0, i, v100, v101);
+    simd::gather_pairs(v + s0 + s1, i, v110, v111);
+    maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j), F32x8::load(f1 + j),
+                             F32x8::load(f2 + j))
+        .store(o + j);
+  }
+  return j;
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------------------
 // Gather: sample one row of points x(j) = x + j*step (j in [0, n)) from nb x nc arrays of shape (D, H, W)
 // (contiguous within each array; array (b, c) starts at vol + b*vol_sb + c*vol_sc) and write
@@ -204,8 +230,14 @@ inline void sample_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nb
       for (int64_t c = 0; c < nc; ++c) {
         const T* __restrict v = vol + b * vol_sb + c * vol_sc;
         O* __restrict o = out + b * out_sb + c * out_sc + r.k0;
+        int32_t j0 = 0;
+#if TF_SIMD_AVX2
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+          j0 = sample_interior_pairs(v, off, s0, s1, f0, f1, f2, m, o);
+        }
+#endif
 #pragma omp simd
-        for (int32_t j = 0; j < m; ++j) {
+        for (int32_t j = j0; j < m; ++j) {
           o[j] = static_cast<O>(maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]));
         }
       }

@@ -5,6 +5,7 @@
 //   slice_volume_backward: grad (B,N,S,C,h,w) -> (B,C,D,H,W), the exact adjoint (fill is a constant and
 //     has no gradient).
 #include "common.h"
+#include "memory.h"
 
 namespace tonno_fast {
 namespace cpu {
@@ -35,6 +36,7 @@ at::Tensor slice_volume_cpu(const at::Tensor& volume, const at::Tensor& maps, in
   const at::Tensor vol = volume.contiguous(), m = maps.contiguous();
   const int64_t B = vol.size(0), C = vol.size(1), D = vol.size(2), H = vol.size(3), W = vol.size(4);
   at::Tensor out = at::empty({B, N, n_slices, C, height, width}, vol.options().dtype(odt));
+  advise_huge_pages(out.mutable_data_ptr(), out.nbytes());  // before the first write (memory.h)
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tonno_fast::slice_volume", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, odt, "tonno_fast::slice_volume_out", [&] {
