@@ -2,7 +2,8 @@
 pipelines with ``process_group`` (each a share of the directions) and in one process (all directions), and rank
 0 writes what it measured to ``argv[1]`` (JSON). ``--hang FOLDER``: each rank writes ``FOLDER/rank<r>.pid`` once
 the process group is up, then rank 1 waits in a barrier rank 0 never reaches (the timeout guard's test). Not a
-test module itself (no ``test_`` prefix)."""
+test module itself (no ``test_`` prefix). ``--train OUT``: :func:`tonno_fast.train_encoder` under DDP on every
+rank, rank 0 writes what the ranks drew and learnt to ``OUT``."""
 import json
 import os
 import sys
@@ -136,8 +137,94 @@ def hang(folder):
             time.sleep(3600)
 
 
+def _train_sampler(seed, n=6):
+    """Tiny weak-supervision task: positives hold a bright ball off-centre (the sampler of tests/test_training)."""
+    g = torch.Generator().manual_seed(0)
+    z, y, x = torch.meshgrid(*[torch.arange(12.0) - 5.5] * 3, indexing="ij")
+    body = (z ** 2 + y ** 2 + x ** 2) < 5.5 ** 2
+    lesion = ((z - 1.5) ** 2 + (y + 1.5) ** 2 + x ** 2) < 2.0 ** 2
+    vols = [0.2 * torch.rand(12, 12, 12, generator=g) * body + 1.5 * lesion * (i % 2) for i in range(n)]
+    return tf.ObliqueSliceSampler(vols, [i % 2 for i in range(n)], spacing=(1.0, 1.0, 1.0), slice_size=12,
+                                  pixel_spacing=1.0, body_masks=[body] * n, balance=True, seed=seed)
+
+
+def _train_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+
+
+def train(out_path):
+    """train_encoder(process_group=...) on every rank: what each rank drew first, its weights and histories."""
+    from tonno_fast.training import train_encoder
+
+    with du.session("cpu") as (ctx, device):
+        group = ctx.group
+        result = {}
+        first = []
+
+        def record(x):
+            if not first:
+                first.append(x.clone())
+            return x
+
+        # The slice objective for a few steps, validated by rank 0 every 2 steps.
+        h = train_encoder(_train_net, _train_sampler(0), steps=6, batch_size=8, lr=0.05, seed=3, log_every=2,
+                          validation=_train_sampler(1), validate_every=2, validation_size=6, transform=record,
+                          process_group=group)
+        state = {k: v.detach().clone() for k, v in h.encoder.state_dict().items()}
+        # The bag objective on a time budget with early stopping: every rank must stop at the same step.
+        b = train_encoder(_train_net, _train_sampler(0), steps=100000, seconds=1.5, objective="bag",
+                          bags_per_step=2, lr=0.05, seed=5, log_every=1, validation=_train_sampler(1),
+                          validate_every=3, validation_size=6, patience=2, process_group=group)
+        bag_state = {k: v.detach().clone() for k, v in b.encoder.state_dict().items()}
+        # A failure on rank 1 in its third step raises on both ranks instead of leaving rank 0 in the all_reduce.
+        calls = [0]
+
+        def broken(x):
+            calls[0] += 1
+            if ctx.rank == 1 and calls[0] == 3:
+                raise RuntimeError("rank 1 transform failure")
+            return x
+
+        try:
+            train_encoder(_train_net, _train_sampler(0), steps=6, batch_size=8, seed=3, transform=broken,
+                          process_group=group)
+            failure = "no error"
+        except RuntimeError as exc:
+            failure = str(exc)
+        # Different settings on the ranks are refused on every rank.
+        try:
+            train_encoder(_train_net, _train_sampler(0), steps=3 + ctx.rank, batch_size=8, seed=3,
+                          process_group=group)
+            mismatch = "no error"
+        except ValueError as exc:
+            mismatch = str(exc)
+
+        mine = {"state": state, "first": first[0], "loss": [r["loss"] for r in h],
+                "validation": [{k: v for k, v in r.items() if k != "seconds"} for r in h.validation],
+                "best": h.best, "bag_state": bag_state, "bag_steps": b.steps, "bag_stopped": b.stopped_early,
+                "bag_loss": [r["loss"] for r in b], "bag_best": b.best, "failure": failure, "mismatch": mismatch}
+        every = du.gather_objects(mine, group)
+        if ctx.is_main:
+            r0, r1 = every
+            result["world_size"] = ctx.world_size
+            result["state_keys"] = sorted(r0["state"])
+            result["weights_equal"] = all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+            result["bag_weights_equal"] = all(torch.equal(r0["bag_state"][k], r1["bag_state"][k])
+                                              for k in r0["bag_state"])
+            result["first_batch_differs"] = not torch.equal(r0["first"], r1["first"])
+            result["first_batch_shape"] = list(r0["first"].shape)
+            for key in ("loss", "validation", "best", "bag_steps", "bag_stopped", "bag_loss", "bag_best", "failure",
+                        "mismatch"):
+                result[f"{key}_rank0"], result[f"{key}_rank1"] = r0[key], r1[key]
+            with open(out_path, "w") as fh:
+                json.dump(result, fh)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--hang":
         hang(sys.argv[2])
+    elif sys.argv[1] == "--train":
+        train(sys.argv[2])
     else:
         main(sys.argv[1])

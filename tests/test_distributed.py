@@ -6,6 +6,7 @@ The multi-process runs (marked ``distributed``; ``-m "not distributed"`` leaves 
 ``--standalone`` rendezvous (a free port chosen by the OS), tiny volumes, one thread per process and a timeout
 after which the agent and its workers are killed, so a hang fails the test and leaves no process behind."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -236,3 +237,29 @@ def test_a_hanging_torchrun_fails_and_leaves_no_process(tmp_path):
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
+
+
+@distributed
+def test_torchrun_train_encoder_same_weights_different_slices(tmp_path):
+    """train_encoder(process_group=...) under DistributedDataParallel on 2 gloo ranks (tests/dist_worker.py
+    --train): the ranks draw different slices, end with bitwise the same weights and batch-norm statistics, agree
+    on validation, the best step and where a time budget with early stopping ends; a failure on one rank and
+    settings that differ between the ranks raise on both instead of hanging."""
+    report = tmp_path / "train.json"
+    rc, out, err = _torchrun([str(HERE / "dist_worker.py"), "--train", str(report)], tmp_path)
+    assert rc == 0, err[-3000:]
+    r = json.loads(report.read_text())
+    assert r["world_size"] == 2
+    assert r["first_batch_differs"] and r["first_batch_shape"] == [8, 1, 12, 12]
+    assert r["weights_equal"] and r["bag_weights_equal"]
+    assert any("running_mean" in k for k in r["state_keys"])  # buffers compared too
+    for rank in (0, 1):
+        assert len(r[f"loss_rank{rank}"]) == 3 and all(math.isfinite(x) for x in r[f"loss_rank{rank}"])
+        assert r[f"bag_loss_rank{rank}"] and all(math.isfinite(x) for x in r[f"bag_loss_rank{rank}"])
+    assert r["loss_rank0"] != r["loss_rank1"]  # each rank's loss on its own slices
+    assert [v["step"] for v in r["validation_rank0"]] == [2, 4, 6]
+    assert r["validation_rank0"] == r["validation_rank1"] and r["best_rank0"] == r["best_rank1"]
+    assert r["bag_steps_rank0"] == r["bag_steps_rank1"] >= 1
+    assert r["bag_stopped_rank0"] == r["bag_stopped_rank1"] and r["bag_best_rank0"] == r["bag_best_rank1"]
+    assert "rank 1 transform failure" in r["failure_rank1"] and "other rank(s)" in r["failure_rank0"]
+    assert "same steps on every rank" in r["mismatch_rank0"] and r["mismatch_rank0"] == r["mismatch_rank1"]

@@ -31,7 +31,7 @@ import torch
 
 __all__ = ["DistContext", "context", "device_for_rank", "init_distributed", "session", "shard", "direction_share",
            "split_directions", "reconstruct_split", "all_or_none", "all_reduce_sum", "all_gather_rows",
-           "gather_objects", "broadcast_object", "barrier", "rank_generator", "wrap_ddp", "default_backend"]
+           "gather_objects", "broadcast_object", "barrier", "rank_seed", "rank_generator", "wrap_ddp", "default_backend"]
 
 T = TypeVar("T")
 
@@ -325,10 +325,9 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 # Training under DistributedDataParallel
 # ---------------------------------------------------------------------------------------------------------
-def rank_generator(seed: int, rank: Optional[int] = None, device="cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded from ``(seed, rank)`` (``rank`` default: this process's), so
-    every rank draws a different, reproducible stream. The two numbers are mixed with a SplitMix64 step rather
-    than added, so ``(seed, rank + 1)`` and ``(seed + 1, rank)`` do not give the same stream."""
+def rank_seed(seed: int, rank: Optional[int] = None) -> int:
+    """A seed in ``[0, 2**63)`` mixed from ``(seed, rank)`` (``rank`` default: this process's) with a SplitMix64
+    step rather than added, so ``(seed, rank + 1)`` and ``(seed + 1, rank)`` do not give the same stream."""
     if rank is None:
         rank = context().rank
     mask = (1 << 64) - 1
@@ -336,7 +335,13 @@ def rank_generator(seed: int, rank: Optional[int] = None, device="cpu") -> torch
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     z ^= z >> 31
-    return torch.Generator(device=device).manual_seed(z & ((1 << 63) - 1))
+    return z & ((1 << 63) - 1)
+
+
+def rank_generator(seed: int, rank: Optional[int] = None, device="cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with :func:`rank_seed` ``(seed, rank)`` (``rank`` default: this
+    process's), so every rank draws a different, reproducible stream."""
+    return torch.Generator(device=device).manual_seed(rank_seed(seed, rank))
 
 
 def wrap_ddp(model: torch.nn.Module, device=None, group=None, **kwargs) -> torch.nn.Module:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as du
 from .evaluation import roc_auc
 from .sampler import BagBatch, ObliqueSliceSampler
 
@@ -119,6 +120,55 @@ def _check_positive_int(x, name: str, allow_none: bool = False):
     return int(x)
 
 
+class _Ranks:
+    """The process group of a training run as the loop needs it: who validates (rank 0 of the group), the
+    decisions every rank must share (stop now? what did validation measure?) and DistributedDataParallel. With
+    ``group=None`` (or no process group initialised) a single process: every method returns its input and runs
+    no collective."""
+
+    def __init__(self, group):
+        self.distributed = group is not None and torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+        self.group = group if self.distributed else None
+        ctx = du.context(group) if self.distributed else None
+        self.rank = ctx.rank if self.distributed else 0
+        self.is_main = self.rank == 0
+        self.main = torch.distributed.get_global_rank(group, 0) if self.distributed else 0
+
+    def from_main(self, obj):
+        """Rank 0's ``obj`` (picklable) on every rank."""
+        return du.broadcast_object(obj, self.main, self.group) if self.distributed else obj
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on some rank."""
+        if not self.distributed:
+            return bool(flag)
+        return bool(du.all_reduce_sum(torch.tensor([float(bool(flag))], dtype=torch.float64), self.group).item() > 0)
+
+    def check_same(self, **settings) -> None:
+        """Raise on every rank (the same ``ValueError``) when the ranks were given different ``settings``: they
+        decide how many steps and collectives each rank runs, so a difference would leave a rank waiting."""
+        if not self.distributed:
+            return
+        seen = du.gather_objects(settings, self.group)
+        differ = sorted(k for k in settings if any(s[k] != seen[0][k] for s in seen))
+        if differ:
+            raise ValueError(f"train_encoder under a process group needs the same {', '.join(differ)} on every "
+                             f"rank, got {[{k: s[k] for k in differ} for s in seen]}")
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (e.g. batch-norm running statistics, which each rank updates from its own batches)
+        on every rank, so the final state is the same everywhere."""
+        if self.distributed:
+            comm = du._comm_device(self.group)
+            with torch.no_grad():
+                for buf in module.buffers():
+                    work = buf.data if buf.device == comm and buf.is_contiguous() else buf.data.to(comm).contiguous()
+                    torch.distributed.broadcast(work, self.main, group=self.group)
+                    if work is not buf.data:
+                        buf.data.copy_(work)
+
+
 class _Validator:
     """A fixed validation set of bags drawn once from a held-out sampler, scored every ``validate_every`` steps:
     slice AUC (every slice against its volume label), bag AUC (pooled bag logits) and, with ``aux`` lesion masks,
@@ -174,7 +224,7 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
                   validation: Optional[ObliqueSliceSampler] = None, validate_every: int = 100,
                   validation_size: int = 32, monitor: Optional[str] = None, keep_best: bool = True,
                   patience: Optional[int] = None, chance_tolerance: float = 0.01, chance_steps: int = 200,
-                  progress: bool = False, log_every: int = 25) -> TrainingHistory:
+                  progress: bool = False, log_every: int = 25, process_group=None) -> TrainingHistory:
     """Train ``encoder`` on random slices labelled only by their volume (weak supervision).
 
     Args:
@@ -213,6 +263,19 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
             ``ln 2`` for ``chance_steps`` steps, and when a validation AUC is within 0.05 of 0.5.
         progress: show a tqdm progress bar.
         log_every: record the running mean loss every this many steps.
+        process_group: train under ``DistributedDataParallel`` on the ranks of this group (e.g.
+            ``ctx.group`` from :func:`tonno_fast.distributed.session` under ``torchrun``); ``None``: one process,
+            even when a default process group exists. Every rank calls ``train_encoder`` with the same settings
+            and its own sampler on its own device (the encoder on that device too): each rank's sampler is
+            reseeded from ``(seed, rank)`` (:func:`~tonno_fast.distributed.rank_seed`; ``seed=None``: rank 0
+            draws one for all), so the ranks draw different slices, and so are dropout and augmentation;
+            gradients are averaged over the ranks at every step (``K`` ranks: ``K × batch_size`` slices a step
+            at the same ``lr``), so the weights stay the same on every rank. A ``seconds`` budget ends on every
+            rank at the same step (rank 0 decides). Validation runs on rank 0 with rank 0's ``validation``
+            sampler (give one on every rank, or on none) and its numbers go to all ranks, so the best step,
+            early stopping and the weights kept are the same everywhere. Buffers (batch-norm statistics) are
+            rank 0's at the end. ``history`` records this rank's training loss. A failure on one rank while
+            drawing a batch, computing the loss or validating raises on every rank.
 
     Returns:
         A :class:`TrainingHistory`: the list of ``{"step", "loss", "seconds"}`` records, with the validation
@@ -240,10 +303,16 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
     if patience is not None and validation is None:
         raise ValueError("patience needs a validation sampler (validation=...)")
 
+    ranks = _Ranks(process_group)
+    ranks.check_same(steps=steps, timed=seconds is not None, objective=objective, validation=validation is not None,
+                     validate_every=validate_every, patience=patience, keep_best=keep_best, seeded=seed is not None)
+
     with torch.random.fork_rng(devices=[]):
+        if ranks.distributed and seed is None:  # one seed for all, mixed with each rank's number below
+            seed = ranks.from_main(int(torch.randint(0, 2 ** 62, ()).item()))
         if seed is not None:
             torch.manual_seed(int(seed))
-            sampler.reseed(int(seed))
+            sampler.reseed(du.rank_seed(int(seed), ranks.rank) if ranks.distributed else int(seed))
         if not isinstance(encoder, torch.nn.Module):
             if not callable(encoder):
                 raise TypeError(f"encoder must be an nn.Module or a factory returning one, got "
@@ -254,13 +323,19 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         if objective == "bag" and bags_per_step is None:
             bags_per_step = max(2, round(batch_size / sampler.mean_bag_size(bag_size=bag_size,
                                                                              slice_spacing=bag_spacing)))
+        model = encoder
+        if ranks.distributed:
+            # DDP broadcasts rank 0's parameters and averages gradients in backward. No buffer broadcast in
+            # forward: the forward then runs no collective, so a failing forward can be met by all_or_none.
+            model = du.wrap_ddp(encoder, group=ranks.group, broadcast_buffers=False)
+            torch.manual_seed(du.rank_seed(int(seed), ranks.rank))  # dropout and augmentation differ by rank
         history = TrainingHistory()
         history.encoder = encoder
         validator = None
-        if validation is not None:
+        if validation is not None and ranks.is_main:
             validator = _Validator(validation, _check_positive_int(validation_size, "validation_size"), bag_size,
                                    bag_spacing, pooling, float(pooling_r), 256)
-        _train_loop(encoder, sampler, history, validator, steps=steps, seconds=seconds, batch_size=batch_size,
+        _train_loop(encoder, model, ranks, sampler, history, validator, validation is not None, steps=steps, seconds=seconds, batch_size=batch_size,
                     objective=objective, bags_per_step=bags_per_step, bag_size=bag_size, bag_spacing=bag_spacing,
                     pooling=pooling, r=float(pooling_r), slice_weight=float(slice_weight), optimizer=optimizer,
                     lr=lr, warmup_steps=warmup_steps, scheduler=scheduler, pos_weight=pos_weight,
@@ -271,17 +346,20 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
     return history
 
 
-def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[_Validator], *, steps, seconds,
+def _train_loop(encoder, model, ranks: _Ranks, sampler, history: TrainingHistory, validator: Optional[_Validator],
+                validating: bool, *, steps, seconds,
                 batch_size, objective, bags_per_step, bag_size, bag_spacing, pooling, r, slice_weight, optimizer,
                 lr, warmup_steps, scheduler, pos_weight, transform, validate_every, monitor, keep_best, patience,
                 chance_tolerance, chance_steps, progress, log_every) -> None:
-    """The optimisation loop proper: one step = draw a batch, forward, loss, backward, optimiser step."""
+    """The optimisation loop proper: one step = draw a batch, forward, loss, backward, optimiser step.
+    ``model`` is ``encoder`` or its DDP wrapper (used for the training forward); ``validator`` is ``None`` on the
+    ranks other than 0, which receive rank 0's validation numbers."""
     if optimizer is None:
         optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
     base_lr = [group["lr"] for group in optimizer.param_groups]
     pw = None if pos_weight is None else torch.tensor(float(pos_weight), device=sampler.device)
     bar = None
-    if progress:
+    if progress and ranks.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="training encoder", unit="step")
     encoder.train()
@@ -294,8 +372,9 @@ def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[
     def validate() -> bool:
         """Score the validation set; returns True when patience has run out."""
         nonlocal best_value, best_state, since_best, warned_auc
-        res = validator(encoder)
-        res = {"step": step, **res, "seconds": time.perf_counter() - t0}
+        with du.all_or_none(ranks.group):
+            res = validator(encoder) if ranks.is_main else None
+        res = {"step": step, **ranks.from_main(res), "seconds": time.perf_counter() - t0}
         history.validation.append(res)
         value = res[monitor]
         if math.isfinite(value) and abs(value - 0.5) < 0.05 and not warned_auc:
@@ -312,29 +391,34 @@ def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[
         return patience is not None and since_best >= patience
 
     try:
-        while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
+        while (steps is None or step < steps) and (seconds is None or not ranks.any(
+                ranks.is_main and time.perf_counter() - t0 >= seconds)):
             if step < warmup_steps:
                 for group, base in zip(optimizer.param_groups, base_lr):
                     group["lr"] = base * (step + 1) / warmup_steps
             elif step == warmup_steps and warmup_steps:
                 for group, base in zip(optimizer.param_groups, base_lr):
                     group["lr"] = base
-            if objective == "bag":
-                batch = sampler.sample_bags(bags_per_step, bag_size=bag_size, slice_spacing=bag_spacing)
-            else:
-                batch = sampler.sample(batch_size)
-            x = batch.slices if transform is None else transform(batch.slices)
-            logits = _logits(encoder, x).float()
-            if isinstance(batch, BagBatch):
-                y = batch.labels.reshape(-1).to(logits.device)
-                loss = F.binary_cross_entropy_with_logits(pool_bags(logits, batch.sizes, pooling, r), y,
-                                                          pos_weight=pw)
-                if slice_weight > 0:
-                    loss = loss + slice_weight * F.binary_cross_entropy_with_logits(
-                        logits, batch.slice_labels.reshape(-1).to(logits.device), pos_weight=pw)
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits, batch.labels.reshape(-1).to(logits.device),
-                                                          pos_weight=pw)
+            # Failures are met by all_or_none before each collective of DDP: the bucket rebuild at the start of
+            # the second forward, then the gradient all_reduce in backward.
+            with du.all_or_none(ranks.group):
+                if objective == "bag":
+                    batch = sampler.sample_bags(bags_per_step, bag_size=bag_size, slice_spacing=bag_spacing)
+                else:
+                    batch = sampler.sample(batch_size)
+                x = batch.slices if transform is None else transform(batch.slices)
+            with du.all_or_none(ranks.group):
+                logits = _logits(model, x).float()
+                if isinstance(batch, BagBatch):
+                    y = batch.labels.reshape(-1).to(logits.device)
+                    loss = F.binary_cross_entropy_with_logits(pool_bags(logits, batch.sizes, pooling, r), y,
+                                                              pos_weight=pw)
+                    if slice_weight > 0:
+                        loss = loss + slice_weight * F.binary_cross_entropy_with_logits(
+                            logits, batch.slice_labels.reshape(-1).to(logits.device), pos_weight=pw)
+                else:
+                    loss = F.binary_cross_entropy_with_logits(logits, batch.labels.reshape(-1).to(logits.device),
+                                                              pos_weight=pw)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -354,20 +438,21 @@ def _train_loop(encoder, sampler, history: TrainingHistory, validator: Optional[
             if step % log_every == 0:
                 history.append({"step": step, "loss": float(np.mean(recent[-log_every:])),
                                 "seconds": time.perf_counter() - t0})
-            if validator is not None and step % validate_every == 0 and validate():
+            if validating and step % validate_every == 0 and validate():
                 history.stopped_early = True
                 break
     finally:
         if bar is not None:
             bar.close()
-    if validator is not None and (not history.validation or history.validation[-1]["step"] != step):
+    if validating and (not history.validation or history.validation[-1]["step"] != step):
         validate()
     history.steps, history.seconds = step, time.perf_counter() - t0
-    if validator is not None and history.best is not None and abs(best_value - 0.5) < 0.05:
+    if validating and history.best is not None and abs(best_value - 0.5) < 0.05:
         history.warn(step, f"the best validation {monitor} is {best_value:.3f}, at chance: the encoder has "
                            f"not learnt to separate the volume labels")
     if keep_best and best_state is not None:
         encoder.load_state_dict(best_state)
+    ranks.sync_buffers(encoder)
 
 
 @torch.no_grad()
