@@ -108,7 +108,7 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_encoder_converges_on_demo_data(seed):
-    # SCIENCE.md: at the demo's difficulty, weak-label training must converge every time, not by luck.
+    # At the demo's difficulty, weak-label training must converge for every seed, not by luck.
     import torch
 
     from tonno_fast.demo.model import SliceCNN
