@@ -226,10 +226,16 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
             bar.close()
 
 
-def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
+def encode_slices(volume, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
                   backend: str = "auto", fill: float = 0.0, progress: bool = False,
-                  max_memory: Optional[int] = None, timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                  max_memory: Optional[int] = None, timings: Optional[Dict[str, float]] = None,
+                  allow_nonfinite: bool = False) -> torch.Tensor:
     """Score every slice of ``geometry``: volume ``(B, C, D, H, W)`` → sinogram ``(B, K, N, S)``.
+
+    ``volume``: a tensor or NumPy array ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x), or
+    any object :func:`tomographic_heatmap` takes (a MONAI ``MetaTensor``, a nibabel image, a scan from
+    :func:`tonno_fast.load_nifti`), whose spacing must then be ``geometry``'s. ``allow_nonfinite``: accept NaN/inf
+    voxels.
 
     ``encoder``: an :class:`~tonno_fast.encoder.Encoder` (its window, z-score, context, channels, device and
     autocast apply) or any callable ``(M, C, h, w) → (M,)``/``(M, K)``, called under ``torch.no_grad()`` in
@@ -237,6 +243,9 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`encode_chunks`).
     Raises :class:`~tonno_fast.memory.MemoryBudgetError` before the sinogram is allocated when it cannot fit.
     """
+    volume, spacing, _ = scan_and_spacing(volume, None)
+    volume, _ = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
+    check_geometry_spacing(geometry, spacing)
     enc = as_encoder(encoder)
     batch_size = resolve_batch_size(batch_size, enc)
     fill = finite_float(fill, "fill")
@@ -331,7 +340,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
                          score_transform=score_transform, score_baseline=score_baseline)
     if not isinstance(return_sinogram, bool):
         raise TypeError(f"return_sinogram must be a bool, got {type(return_sinogram).__name__}")
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
@@ -347,7 +356,8 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
         geometry = build()
         part, share = split_directions(geometry, process_group)
         scores = encode_slices(vol, part, enc, batch_size=batch_size, backend=backend, fill=fill,
-                               progress=progress, max_memory=max_memory, timings=timings)
+                               progress=progress, max_memory=max_memory, timings=timings,
+                               allow_nonfinite=True)  # checked above
         check_pipeline("tomographic_heatmap", vol, enc, dims, outputs=scores.shape[1], **mem)
     timer = _Timer(timings, [vol.device])
     recon = dict(filter=filter, window=window, score_transform=score_transform, score_baseline=score_baseline,
@@ -359,6 +369,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
             heat = reconstruct_split(scores, geometry, share, process_group, reconstruction, **recon)
     if ndim == 3 and heat.shape[1] == 1:
         heat = heat[0, 0]
+    heat = restore(heat)
     return HeatmapResult(heat, scores, part) if return_sinogram else heat
 
 
@@ -400,11 +411,7 @@ def plan_geometry(volume_shape, encoder: Encoder, *, geometry: Optional[Geometry
         if tuple(geometry.volume_shape) != shape:
             raise ValueError(f"geometry was made for volumes of shape {tuple(geometry.volume_shape)}, the volume "
                              f"has {shape}")
-        if spacing is not None:
-            from .geometry import normalize_spacing
-            sp = normalize_spacing(spacing)
-            if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(sp, geometry.spacing)):
-                raise ValueError(f"spacing={sp} contradicts the geometry's spacing {tuple(geometry.spacing)} (mm)")
+        check_geometry_spacing(geometry, spacing)
         if encoder.input_size is not None and (geometry.height, geometry.width) != encoder.input_size:
             raise ValueError(f"geometry slices are {(geometry.height, geometry.width)} pixels but the encoder's "
                              f"input_size is {encoder.input_size}")
@@ -419,6 +426,16 @@ def plan_geometry(volume_shape, encoder: Encoder, *, geometry: Optional[Geometry
     dims = geometry_dims(shape, n_directions=n_directions, directions=directions, **sizes)
     return dims, lambda: make_geometry(shape, n_directions=n_directions, directions=directions, weights=weights,
                                        **sizes)
+
+
+def check_geometry_spacing(geometry: Geometry, spacing) -> None:
+    """A ``spacing`` (mm, z y x) given with, or carried by the volume given with, ``geometry`` must be its own."""
+    if spacing is None:
+        return
+    from .geometry import normalize_spacing
+    sp = normalize_spacing(spacing)
+    if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(sp, geometry.spacing)):
+        raise ValueError(f"spacing={sp} contradicts the geometry's spacing {tuple(geometry.spacing)} (mm)")
 
 
 def resolve_geometry(volume_shape, encoder: Encoder, **kwargs) -> Geometry:

@@ -161,7 +161,7 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
     ``process_group`` each rank streams its share of the directions into its own accumulator (weights from all
     directions) and an ``all_reduce`` sums the accumulators before the normalisation."""
     check_filter(filter, window)
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
@@ -206,7 +206,7 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
                       held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype,
                       progress=progress, timings=timings)
     acc = all_reduce_sum(acc, process_group) if process_group is not None else acc
-    return _finish_output(acc, vol.dtype, ndim, normalize)
+    return restore(_finish_output(acc, vol.dtype, ndim, normalize))
 
 
 def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targets=None, reshape_transform=None,
@@ -312,7 +312,7 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     Adjacent-slice context takes the axial neighbours ``volume[k ± step]`` (``fill`` beyond the ends). Other
     arguments and the return value as :func:`averaged_cam`.
     """
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
@@ -361,4 +361,4 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
                   held_bytes_per_direction=B * K * D * slicer.height * slicer.width * vol.element_size(),
                   buffer_dtype=vol.dtype, progress=progress, timings=timings)
-    return _finish_output(out["cam"], vol.dtype, ndim, normalize)
+    return restore(_finish_output(out["cam"], vol.dtype, ndim, normalize))
