@@ -278,19 +278,26 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
     """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (docs/design.md, "The method", "Reconstruction").
 
     Args:
-        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype
-            (int16 CT is converted to float32), or a scan that carries its spacing (:func:`tonno_fast.load_nifti`).
+        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor or NumPy array (axes z, y, x), any
+            real dtype (int16 CT is converted to float32); or an object that carries its spacing, read by
+            :func:`tonno_fast.validation.scan_and_spacing`: a :func:`tonno_fast.load_nifti` scan, a nibabel image
+            (read as ``load_nifti`` reads a file), a MONAI ``MetaTensor`` ``(X, Y, Z)``, ``(C, X, Y, Z)`` or
+            ``(B, C, X, Y, Z)`` in its affine's voxel order (the heatmap then comes back as a ``MetaTensor`` in
+            that order and rank, with its affine: ``(X, Y, Z)`` or ``(K, X, Y, Z)``, ``(B, K, X, Y, Z)``).
         encoder: callable ``(M, C, h, w)`` slices → ``(M,)`` or ``(M, K)`` scores (an ``nn.Module``, a function,
             a TorchScript module), or a :class:`tonno_fast.Encoder` carrying input adaptation (window, z-score,
-            context slices, channel replication, ``input_size``, ``pixel_spacing``, device, autocast, output
-            selection), e.g. from an encoder bundle (:func:`tonno_fast.load_encoder`).
+            context slices, channel replication, normalisation, ``input_size``, ``pixel_spacing``, device,
+            autocast, output selection), e.g. from an encoder bundle (:func:`tonno_fast.load_encoder`). A model
+            given as it is runs as ``Encoder(model)`` (:func:`tonno_fast.encoder.as_encoder`): eval mode, slices
+            repeated to its first convolution's channels, timm's ``pretrained_cfg`` mean/std, its dtype and device.
             Called under ``torch.no_grad()`` in chunks of at most ``batch_size`` slices.
         n_directions: number of Fibonacci directions on the hemisphere (default 64; ignored when ``directions``
             given).
         directions: ``(N, 3)`` unit vectors (x, y, z), ``(N, 2)`` angles (θ, φ) or ``(N, 3, 3)`` rotations.
         weights: ``(N,)`` quadrature weights (default ``2π/N``).
         spacing: voxel spacing ``(sz, sy, sx)`` mm. Required, unless ``volume`` carries it or ``geometry`` is
-            given (there is no default: a wrong spacing silently changes every slice).
+            given (there is no default: a wrong spacing silently changes every slice); one that contradicts the
+            volume's own is refused.
         slice_size: ``int`` or ``(h, w)`` pixels of each slice (default: the Encoder's ``input_size``, else
             covers the bounding sphere).
         slice_spacing: Δs mm between slices (default ``min(spacing)``).
@@ -332,7 +339,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
 
     Returns:
         Heatmap on the volume's device, float32 (float64 for a float64 volume): ``(D, H, W)`` for a 3D volume
-        and a single-score encoder, else ``(B, K, D, H, W)``. With ``return_sinogram=True``, a
+        and a single-score encoder, else ``(B, K, D, H, W)`` (a ``MetaTensor`` volume: see ``volume``). With ``return_sinogram=True``, a
         :class:`HeatmapResult` ``(heatmap, sinogram, geometry)``: ``sinogram`` ``(B, K, N, S)`` holds the
         encoder's scores before calibration.
     """

@@ -220,10 +220,14 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
     and averaged over orientations with weights ``w_k / Σ w``.
 
     Args:
-        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x); any real dtype; or a
-            scan that carries its spacing (:func:`tonno_fast.load_nifti`).
+        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor or NumPy array (axes z, y, x); any
+            real dtype; or a scan that carries its spacing: a :func:`tonno_fast.load_nifti` scan, a nibabel image,
+            a MONAI ``MetaTensor`` (the map then comes back as a ``MetaTensor``), as for
+            :func:`tonno_fast.tomographic_heatmap`.
         encoder: a :class:`tonno_fast.Encoder` (input adaptation, device, autocast, output selection = the CAM
-            targets) or an ``nn.Module`` (used as is; put it in eval mode).
+            targets) or an ``nn.Module``, which runs as ``Encoder(module)`` (eval mode, channels repeated to its
+            first convolution's, timm's ``pretrained_cfg`` normalisation, its dtype), as in
+            :func:`tonno_fast.tomographic_heatmap`.
         target_layers: module(s) or dotted name(s) hooked by ``"gradcam"``/``"layercam"``.
         method: ``"gradcam"``, ``"layercam"``, a ``pytorch_grad_cam`` CAM object, a
             :class:`~tonno_fast.cam.methods.CAMMethod` or a callable ``slices (M, c, h, w) → (M, [K,] h', w')``.
