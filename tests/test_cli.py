@@ -255,3 +255,22 @@ def test_allow_nonfinite(tmp_path, capsys):
     api = _api(scan, _NanSafe(), n_directions=4, allow_nonfinite=True)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, api, rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_with_a_bundle(tmp_path, scan, capsys):
+    import tonno_fast as tf
+    from tonno_fast.encoder import Encoder
+
+    model = _ThreeChannels().eval()
+    bundle = tf.save_encoder(tmp_path / "b.pt", model, slice_size=16, pixel_spacing=2.0, mean=(0.2, 0.3, 0.4),
+                             std=(0.5, 0.5, 0.5), torchscript=True)
+    rc, default = _cli_heat(tmp_path, scan, bundle, "--directions", "3", name="default.nii.gz")
+    assert rc == 0, capsys.readouterr().err
+    torch.testing.assert_close(default, _api(scan, tf.load_encoder(bundle), n_directions=3), rtol=1e-5, atol=1e-6)
+    rc, auto = _cli_heat(tmp_path, scan, bundle, "--directions", "3", "--normalize", "auto", name="auto.nii.gz")
+    assert rc == 0 and torch.equal(auto, default)  # auto keeps the bundle's stored normalisation
+    rc, none = _cli_heat(tmp_path, scan, bundle, "--directions", "3", "--normalize", "none", name="none.nii.gz")
+    assert rc == 0
+    api = _api(scan, Encoder(model, input_size=16, pixel_spacing=2.0), n_directions=3)
+    torch.testing.assert_close(none, api, rtol=1e-5, atol=1e-6)
+    assert (none - default).abs().max() > 1e-3 * default.abs().max()

@@ -115,7 +115,7 @@ def _as_encoder(model, normalize):
     from .encoder import as_encoder
 
     enc = as_encoder(model)
-    return enc if normalize is None else enc.with_normalize(normalize)
+    return enc if normalize in (None, "auto") else enc.with_normalize(normalize)
 
 
 def _single_score(encoder, class_index: Optional[int]) -> Callable:
