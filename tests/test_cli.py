@@ -152,3 +152,125 @@ def test_heatmap_with_an_encoder_bundle(tmp_path, scan, capsys):
     assert main(["heatmap", "-i", str(scan), "-o", str(by_hand), "--encoder", bundle, "--weights", str(weights),
                  "-q"]) == 2
     assert "--weights is not used with an encoder bundle" in _one_error_line(capsys)
+
+
+# ------------------------------------------------------- the options the API has, and encoders handled as the API
+def _api(scan_path, model, **kw):
+    import tonno_fast as tf
+
+    s = tf.load_nifti(scan_path)
+    return tf.tomographic_heatmap(s.data, model, spacing=s.spacing, **kw)
+
+
+def _cli_heat(tmp_path, scan, encoder, *extra, name="heat.nii.gz"):
+    import tonno_fast as tf
+
+    out = tmp_path / name
+    rc = main(["heatmap", "-i", str(scan), "-o", str(out), "--encoder", str(encoder), "--device", "cpu", "-q"]
+              + list(extra))
+    return rc, (tf.load_nifti(out).data if rc == 0 else None)
+
+
+def test_window_hann_equals_the_api(tmp_path, scan, torchscript, capsys):
+    rc, got = _cli_heat(tmp_path, scan, torchscript, "--directions", "6", "--window", "hann")
+    assert rc == 0, capsys.readouterr().err
+    api = _api(scan, torch.jit.load(str(torchscript)), n_directions=6, window="hann")
+    torch.testing.assert_close(got, api, rtol=1e-6, atol=1e-6)
+    plain = _api(scan, torch.jit.load(str(torchscript)), n_directions=6)
+    assert (plain - api).abs().max() > 1e-3 * api.abs().max()  # the window changes the map
+
+
+class _ThreeChannels(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+        self.head = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_three_channel_torchscript_and_normalize_as_the_api(tmp_path, scan, capsys):
+    from tonno_fast.encoder import Encoder
+
+    path = tmp_path / "rgb.pt"
+    model = _ThreeChannels().eval()
+    torch.jit.script(model).save(str(path))
+    rc, got = _cli_heat(tmp_path, scan, path, "--directions", "4")
+    assert rc == 0, capsys.readouterr().err
+    torch.testing.assert_close(got, _api(scan, model, n_directions=4), rtol=1e-5, atol=1e-6)
+    rc, got = _cli_heat(tmp_path, scan, path, "--directions", "4", "--normalize", "0.2,0.3,0.4/0.5,0.5,0.5",
+                        name="norm.nii.gz")
+    assert rc == 0, capsys.readouterr().err
+    api = _api(scan, Encoder(model, mean=(0.2, 0.3, 0.4), std=(0.5, 0.5, 0.5)), n_directions=4)
+    torch.testing.assert_close(got, api, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit) as info:  # argparse: usage and the error, status 2
+        main(["heatmap", "-i", str(scan), "-o", str(tmp_path / "x.nii"), "--encoder", str(path),
+              "--normalize", "0.1/0.2/0.3"])
+    assert info.value.code == 2 and "argument --normalize" in capsys.readouterr().err
+
+
+class _RawConv(torch.nn.Module):
+    """A 3-channel convolution through F.conv2d: nothing tells the channels it takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight).mean(dim=(1, 2, 3))
+
+
+def test_channel_mismatch_names_the_mismatch(tmp_path, scan, capsys):
+    path = tmp_path / "raw.pt"
+    torch.jit.script(_RawConv()).save(str(path))
+    args = ["heatmap", "-i", str(scan), "-o", str(tmp_path / "h.nii.gz"), "--encoder", str(path), "--directions", "2",
+            "--device", "cpu", "-q"]
+    assert main(args) == 1
+    err = _one_error_line(capsys)
+    assert "to have 3 channels, but got 1 channels" in err and "TorchScript interpreter" not in err, err
+    with pytest.raises(RuntimeError, match="3 channels"):  # --debug: the exception itself, with its traceback
+        main(["--debug"] + args)
+
+
+class _NanSafe(torch.nn.Module):
+    def forward(self, x):
+        return torch.nan_to_num(x, nan=0.0).mean(dim=(1, 2, 3))
+
+
+def test_allow_nonfinite(tmp_path, capsys):
+    data = np.random.default_rng(1).random((10, 12, 8)).astype(np.float32)
+    data[4, 5, 3] = np.nan
+    scan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, AFFINE), str(scan))
+    path = tmp_path / "safe.pt"
+    torch.jit.script(_NanSafe()).save(str(path))
+    rc, _ = _cli_heat(tmp_path, scan, path, "--directions", "4")
+    assert rc == 2
+    err = _one_error_line(capsys)
+    assert "1 NaN or inf" in err and "--allow-nonfinite" in err
+    rc, got = _cli_heat(tmp_path, scan, path, "--directions", "4", "--allow-nonfinite")
+    assert rc == 0, capsys.readouterr().err
+    api = _api(scan, _NanSafe(), n_directions=4, allow_nonfinite=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, api, rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_with_a_bundle(tmp_path, scan, capsys):
+    import tonno_fast as tf
+    from tonno_fast.encoder import Encoder
+
+    model = _ThreeChannels().eval()
+    bundle = tf.save_encoder(tmp_path / "b.pt", model, slice_size=16, pixel_spacing=2.0, mean=(0.2, 0.3, 0.4),
+                             std=(0.5, 0.5, 0.5), torchscript=True)
+    rc, default = _cli_heat(tmp_path, scan, bundle, "--directions", "3", name="default.nii.gz")
+    assert rc == 0, capsys.readouterr().err
+    torch.testing.assert_close(default, _api(scan, tf.load_encoder(bundle), n_directions=3), rtol=1e-5, atol=1e-6)
+    rc, auto = _cli_heat(tmp_path, scan, bundle, "--directions", "3", "--normalize", "auto", name="auto.nii.gz")
+    assert rc == 0 and torch.equal(auto, default)  # auto keeps the bundle's stored normalisation
+    rc, none = _cli_heat(tmp_path, scan, bundle, "--directions", "3", "--normalize", "none", name="none.nii.gz")
+    assert rc == 0
+    api = _api(scan, Encoder(model, input_size=16, pixel_spacing=2.0), n_directions=3)
+    torch.testing.assert_close(none, api, rtol=1e-5, atol=1e-6)
+    assert (none - default).abs().max() > 1e-3 * default.abs().max()

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .encoder import Encoder
+from .encoder import Encoder, resolve_normalization
 
 __all__ = ["save_encoder", "load_encoder", "is_encoder_bundle", "resolve_factory", "BUNDLE_FORMAT"]
 
@@ -113,10 +113,12 @@ def save_encoder(path, encoder, *, slice_size=None, pixel_spacing: Optional[floa
     if channels is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         channels = 1 if conv is None else int(conv.in_channels)
+    # A bare module's normalisation is what Encoder(module) would apply (timm's pretrained_cfg when it has one).
+    own_mean, own_std = (enc.mean, enc.std) if enc is not None else resolve_normalization(model)
     norm = {"window": window if window is not None else (enc.window if enc is not None else None),
             "zscore": bool(zscore) if zscore is not None else (enc.zscore if enc is not None else False),
-            "mean": mean if mean is not None else (enc.mean if enc is not None else None),
-            "std": std if std is not None else (enc.std if enc is not None else None)}
+            "mean": mean if mean is not None else own_mean,
+            "std": std if std is not None else own_std}
     for key in ("mean", "std"):
         if norm[key] is not None:
             norm[key] = [float(v) for v in torch.as_tensor(norm[key]).reshape(-1).tolist()]
@@ -192,7 +194,7 @@ def load_encoder(path, *, device: Union[str, torch.device, None] = None, **encod
     the model's channels, and ``window``/``zscore``/``mean``/``std`` the stored normalisation, so the
     pipelines slice as in training. ``device``: where the model goes (default CPU). ``encoder_kwargs`` are
     passed on to :class:`Encoder` and override the stored values (e.g. ``batch_size``, ``autocast``,
-    ``pixel_spacing``). The bundle's contents are in ``encoder.bundle`` (``geometry``, ``normalization``,
+    ``pixel_spacing``; ``normalize``, ``mean`` or ``std`` replace the stored ``mean``/``std``). The bundle's contents are in ``encoder.bundle`` (``geometry``, ``normalization``,
     ``metadata``).
     """
     data = _read(path)
@@ -220,8 +222,11 @@ def load_encoder(path, *, device: Union[str, torch.device, None] = None, **encod
         model = model.to(device)
     geo, norm = data["geometry"], data["normalization"]
     kwargs = dict(input_size=tuple(geo["slice_size"]), pixel_spacing=geo["pixel_spacing"],
-                  in_channels=geo["channels"], window=norm.get("window"), zscore=norm.get("zscore", False),
-                  mean=norm.get("mean"), std=norm.get("std"))
+                  in_channels=geo["channels"], window=norm.get("window"), zscore=norm.get("zscore", False))
+    if not {"normalize", "mean", "std"} & set(encoder_kwargs):
+        # The stored normalisation, also when it is none (a model's pretrained_cfg does not replace it).
+        stored_norm = (norm.get("mean"), norm.get("std"))
+        kwargs["normalize"] = None if stored_norm == (None, None) else stored_norm
     kwargs.update(encoder_kwargs)
     enc = Encoder(model, **kwargs)
     enc.bundle = {"path": os.fspath(path), "geometry": dict(geo), "normalization": dict(norm),

@@ -108,10 +108,19 @@ def _resolve_device(name: str) -> str:
     return name
 
 
+def _as_encoder(model, normalize):
+    """The loaded model as the API would take it (:func:`tonno_fast.encoder.as_encoder`: channels replicated to
+    its first convolution's, its dtype and device, eval mode), with ``--normalize`` when given (else a bundle's
+    stored normalisation, or timm's ``pretrained_cfg`` of a factory's model)."""
+    from .encoder import as_encoder
+
+    enc = as_encoder(model)
+    return enc if normalize in (None, "auto") else enc.with_normalize(normalize)
+
+
 def _single_score(encoder, class_index: Optional[int]) -> Callable:
-    """Wrap ``encoder`` so it returns one score per slice: column ``class_index`` of a multi-output model. An
-    :class:`~tonno_fast.Encoder` (from a bundle) keeps its slice geometry and selects the column itself."""
-    from .encoder import Encoder
+    """``encoder`` (an :class:`~tonno_fast.Encoder`) selecting one score per slice: column ``class_index`` of a
+    multi-output model; its slice geometry and input adaptation are kept."""
 
     def select(out):
         if out.ndim == 2 and out.shape[1] > 1:
@@ -124,9 +133,7 @@ def _single_score(encoder, class_index: Optional[int]) -> Callable:
             raise CLIError(f"--class-index {class_index}: the encoder returns a single score per slice")
         return out.reshape(out.shape[0], -1)[:, 0] if out.ndim == 2 else out
 
-    if isinstance(encoder, Encoder):
-        return encoder.with_output(select)
-    return lambda x: select(encoder(x))
+    return encoder.with_output(select)
 
 
 # ------------------------------------------------------------------------------------------------- subcommands
@@ -156,11 +163,13 @@ def cmd_heatmap(args) -> int:
                            f"draw on its own)")
         split = args.split or ("directions" if len(plan.jobs) == 1 else "files")
         group = ctx.group if ctx.distributed and split == "directions" else None
-        model = load_encoder(args.encoder, args.weights, device)
+        model = _as_encoder(load_encoder(args.encoder, args.weights, device), args.normalize)
         common = dict(n_directions=args.directions, batch_size=args.batch_size,
                       progress=plan.single and ctx.is_main and not args.quiet)
+        if args.allow_nonfinite:
+            common["allow_nonfinite"] = True
         if args.slice_size is not None:
-            if getattr(model, "input_size", None) is not None:  # a bundle: the user overrides its training size
+            if model.input_size is not None:  # a bundle: the user overrides its training size
                 model = copy.copy(model)
                 model.input_size = (args.slice_size, args.slice_size)
             common["slice_size"] = args.slice_size
@@ -189,8 +198,9 @@ def cmd_heatmap(args) -> int:
 
 def _scan_runner(args, compute, device, write: bool) -> Callable:
     """The single-scan body: read, compute, write atomically (``write``: this rank writes), overlay, report."""
-    from .cohort import process_scan
+    from .cohort import ScanError, process_scan
     from .memory import MemoryBudgetError
+    from .validation import NonFiniteError
 
     def one(job) -> None:
         t0 = time.perf_counter()
@@ -200,6 +210,10 @@ def _scan_runner(args, compute, device, write: bool) -> Callable:
             flag = _MEMORY_FLAGS.get(exc.parameter)
             hint = f" (on the command line: {flag})" if flag else ""
             raise MemoryBudgetError(f"{exc}{hint}", exc.estimate, exc.available, exc.parameter) from None
+        except NonFiniteError as exc:
+            raise ScanError(f"{job.input} contains {exc.count} NaN or inf voxels; clean it, or pass "
+                            f"--allow-nonfinite to give them to the encoder as they are (it must then return "
+                            f"finite scores)") from None
         if not write:
             return
         msg = f"wrote {job.output} ({args.method}, {args.directions} directions, {time.perf_counter() - t0:.1f} s)"
@@ -289,6 +303,18 @@ def _byte_size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _normalize(text: str):
+    """argparse type of --normalize: auto, none, imagenet, or MEAN/STD with comma-separated values per channel."""
+    if text in ("auto", "none", "imagenet"):
+        return text
+    try:
+        mean, std = text.split("/")
+        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none, imagenet or MEAN/STD (e.g. 0.5/0.25 or "
+                                         f"0.485,0.456,0.406/0.229,0.224,0.225), got {text!r}") from None
 
 
 def _score_baseline(text: str):
@@ -426,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  tonno-fast heatmap -i scans/ -o heatmaps/ --encoder model.pt\n"
                "  torchrun --nproc-per-node 4 -m tonno_fast heatmap -i 'scans/*.nii.gz' -o heatmaps/ "
                "--encoder model.pt\n\n"
-               "The encoder gets (M, C, h, w) slices of the scan (C = the scan's channels, usually 1) with the "
-               "scan's intensities, and must return one score (logit) per slice, or several with --class-index.",
+               "The encoder gets (M, C, h, w) slices of the scan with the scan's intensities: C = 1, repeated to "
+               "the channels of the model's first convolution (3 for ImageNet models), normalised as --normalize "
+               "says and cast to the model's dtype, as the Python API does; it must return one score (logit) per "
+               "slice, or several with --class-index.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("-i", "--input", required=True, metavar="INPUT",
                    help="input scan (.nii or .nii.gz, 3D), a folder of scans, a glob pattern in quotes "
@@ -488,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--score-baseline", type=_score_baseline, metavar="Q",
                    help="subtract each direction's median ('median') or Q-quantile of the slice scores, so "
                         "slices without lesion score about 0")
+    h.add_argument("--normalize", type=_normalize, metavar="NORM",
+                   help="per-channel normalisation of the encoder's input (after the 1 -> 3 channel replication a "
+                        "3-channel model gets): auto (the default: a bundle's stored mean/std, else the model's timm "
+                        "pretrained_cfg mean/std when it has one, else none), none, imagenet, or MEAN/STD with one "
+                        "value or one per channel, e.g. 0.485,0.456,0.406/0.229,0.224,0.225")
+    h.add_argument("--allow-nonfinite", action="store_true",
+                   help="give NaN/inf voxels to the encoder as they are (default: such a scan is refused); the "
+                        "encoder must then return finite scores")
     h.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: the GPU when there is one)")
     h.add_argument("--batch-size", type=int, default=256, metavar="M", help="slices per encoder call (default 256)")
@@ -541,8 +577,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # never a traceback for a user; --debug shows it
         if args.debug:
             raise
-        text = str(exc).strip().splitlines()
-        print(f"tonno-fast: error: {type(exc).__name__}: {text[0] if text else ''} (rerun with --debug for details)",
+        from .encoder import error_line
+        print(f"tonno-fast: error: {type(exc).__name__}: {error_line(exc)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
 

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import distributed as dist_util
+from .encoder import error_line
 from .io import load_nifti, save_nifti
 
 __all__ = ["heatmap_files", "heatmap_file", "collect_inputs", "plan_jobs", "check_outputs", "run_jobs", "read_scan",
@@ -356,8 +357,7 @@ class Fatal(Exception):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    body = text[0] if text else ""
+    body = error_line(exc) if str(exc).strip() else ""
     if isinstance(exc, (ScanError, CohortError, MemoryError)) or type(exc).__name__ == "CLIError":
         return body or type(exc).__name__
     return f"{type(exc).__name__}: {body}" if body else type(exc).__name__

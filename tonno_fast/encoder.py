@@ -11,28 +11,35 @@
   (``context = c``, ``context_step`` in slices). These are the *neighbouring slices of the same stack*
   (same direction, offsets ``k ± step``), sliced from the geometry itself, so they are exact planes of the
   volume, also at the ends of the stack (beyond the bounding sphere they read the fill value);
-* channel replication (``1 → 3`` for ImageNet encoders) and optional per-channel ``mean``/``std``;
+* channel replication (``1 → 3`` for ImageNet encoders; the model's channels read from its first 2D
+  convolution, also in TorchScript) and per-channel ``mean``/``std`` (``normalize``: by default the given
+  ``mean``/``std``, else timm's ``model.pretrained_cfg``, else none);
 * the input size: ``input_size`` becomes the geometry's ``slice_size`` (``δ`` follows), never a resize, and
   ``pixel_spacing`` (the δ the model was trained at, e.g. from an encoder bundle) the default ``δ``;
-* batching, device placement (slices are made on the volume's device and each batch is moved to the
-  model's device; scores and CAMs come back to the volume's device), ``torch.autocast`` (bf16/fp16) with
-  scores and CAMs accumulated in float32;
+* batching, device and dtype placement (slices are made on the volume's device and each batch is moved to the
+  model's device and cast to its parameters' dtype; scores and CAMs come back to the volume's device),
+  ``torch.autocast`` (bf16/fp16) with scores and CAMs accumulated in float32;
 * output selection: all outputs, one logit index, several, or a callable on the model's raw output.
 
 An :class:`Encoder` is itself a callable ``(M, C, h, w) → (M, K)``, so it can be passed to
-:func:`tonno_fast.tomographic_heatmap` like any other encoder.
+:func:`tonno_fast.tomographic_heatmap` like any other encoder. A model passed to a pipeline as it is (an
+``nn.Module``, a TorchScript module, a function) goes through the same path, ``Encoder(model)``
+(:func:`as_encoder`): channels, normalisation, dtype, device and eval mode as above.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import re
+from collections.abc import Mapping
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Encoder", "as_encoder"]
+__all__ = ["Encoder", "as_encoder", "resolve_normalization", "model_in_channels", "error_line", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 Output = Union[None, int, Sequence[int], Callable]
 
@@ -54,6 +61,89 @@ def _check_output(output, name: str = "output"):
     if not output:
         raise ValueError(f"{name} must not be an empty sequence of indices")
     return output
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalize = Union[str, None, bool, Tuple[Sequence[float], Sequence[float]]]
+
+
+def resolve_normalization(model, normalize: Normalize = "auto", mean: Optional[Sequence[float]] = None,
+                          std: Optional[Sequence[float]] = None) -> Tuple[Optional[Sequence[float]],
+                                                                          Optional[Sequence[float]]]:
+    """The per-channel ``(mean, std)`` of a model's input (``None``: none), decided once here.
+
+    ``normalize``:
+
+    * ``"auto"`` (default): ``mean``/``std`` if given, else the model's ``pretrained_cfg["mean"/"std"]`` when it
+      has one (timm models do), else none;
+    * ``None``, ``False`` or ``"none"``: none, even for a model with a ``pretrained_cfg``;
+    * ``"imagenet"``: ImageNet's ``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``;
+    * ``(mean, std)``: these.
+
+    Values are applied to model inputs scaled to ``[0, 1]`` by whoever trained the model (e.g. an Encoder
+    ``window``). ``mean``/``std`` together with a ``normalize`` other than ``"auto"`` is refused.
+    """
+    if isinstance(normalize, str) and normalize not in ("auto", "none", "imagenet"):
+        raise ValueError(f"normalize must be 'auto', 'none', 'imagenet', None or a pair (mean, std), "
+                         f"got {normalize!r}")
+    if normalize == "auto":
+        if mean is not None or std is not None:
+            return mean, std
+        cfg = getattr(model, "pretrained_cfg", None)
+        if isinstance(cfg, Mapping) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+        return None, None
+    if mean is not None or std is not None:
+        raise ValueError(f"give normalize={normalize!r} or mean/std, not both")
+    if normalize is None or normalize is False or normalize == "none":
+        return None, None
+    if normalize == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if normalize is True or isinstance(normalize, (bytes, torch.Tensor)):
+        raise TypeError(f"normalize must be 'auto', 'none', 'imagenet', None or a pair (mean, std), "
+                        f"got {normalize!r}")
+    try:
+        m, sd = normalize
+    except (TypeError, ValueError):
+        raise TypeError(f"normalize must be 'auto', 'none', 'imagenet', None or a pair (mean, std), "
+                        f"got {normalize!r}") from None
+    return m, sd
+
+
+def model_in_channels(model) -> Optional[int]:
+    """Input channels of the first 2D convolution of ``model`` (an ``nn.Module`` or a TorchScript module, whose
+    submodules keep their ``original_name``), ``None`` for a model without one or a plain callable."""
+    if not isinstance(model, nn.Module):
+        return None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+        if isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", None) == "Conv2d":
+            weight = getattr(m, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim == 4:
+                return int(weight.shape[1]) * int(getattr(m, "groups", 1))
+    return None
+
+
+_TORCHSCRIPT_PREAMBLE = "The following operation failed in the TorchScript interpreter."
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+
+
+def error_line(exc: BaseException) -> str:
+    """What went wrong in ``exc``, on one line: its message's first line, except for an error raised inside
+    TorchScript, whose message starts with the interpreter's traceback and ends with the error that caused it
+    (``RuntimeError: ... expected input[...] to have 3 channels, but got 1 channels instead``)."""
+    lines = [line.rstrip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].strip() == _TORCHSCRIPT_PREAMBLE:
+        for i in range(len(lines) - 1, 0, -1):
+            m = _ERROR_LINE.match(lines[i])
+            if m:
+                return " ".join([m.group(2)] + [line.strip() for line in lines[i + 1:]])
+        return lines[-1].strip()
+    return lines[0].strip()
 
 
 def _pair(x, name: str) -> Optional[Tuple[int, int]]:
@@ -83,8 +173,9 @@ class Encoder:
             indices (``K = len``), or a callable ``raw_output → (M,)`` or ``(M, K)`` (e.g. ``lambda o: o.logits``
             or a softmax probability).
         in_channels: channels the model expects; the slices' channels (volume channels times
-            ``2 context + 1``) are repeated to reach it (``1 → 3``). ``"auto"`` reads the first ``nn.Conv2d`` of
-            the model (``None`` for a plain callable); ``None`` passes slices unchanged.
+            ``2 context + 1``) are repeated to reach it (``1 → 3``). ``"auto"`` reads the first 2D convolution of
+            the model, also of a TorchScript module (:func:`model_in_channels`; ``None`` for a plain callable);
+            ``None`` passes slices unchanged.
         context: number ``c`` of neighbouring slices on each side given as extra channels, ordered
             ``s - c step Δs, …, s, …, s + c step Δs`` (volume channels innermost).
         context_step: distance between neighbouring context slices, in slices (``Δs`` each).
@@ -93,13 +184,17 @@ class Encoder:
         zscore: standardise each volume with its own mean and std (after the window).
         mean, std: per-channel normalisation of the model input (after replication), e.g. ImageNet's
             ``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``.
+        normalize: where ``mean``/``std`` come from (:func:`resolve_normalization`): ``"auto"`` (default: the
+            ``mean``/``std`` given, else timm's ``model.pretrained_cfg`` mean/std when the model has one, else
+            none), ``None``/``"none"`` (none), ``"imagenet"``, or a pair ``(mean, std)``.
         input_size: ``int`` or ``(h, w)``: the slice size the model expects; used as the geometry's
             ``slice_size`` so the slicing itself delivers it (pixel spacing ``δ`` follows).
         pixel_spacing: in-plane pixel spacing δ (mm) the model was trained at: the pipelines' default δ
             (a ``pixel_spacing=`` or ``geometry=`` given to a pipeline wins). With ``input_size`` it fixes the
             field of view, as :func:`tonno_fast.load_encoder` sets it from a bundle.
         batch_size: slices per model call (default: the pipeline's ``batch_size``).
-        device: where the model runs (default: the device of its first parameter, else the volume's).
+        device: where the model runs (default: the device of its first parameter, else the volume's). Each
+            batch is cast to the dtype of the model's floating-point parameters (unless ``autocast`` is set).
         autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: run the model under ``torch.autocast``;
             scores and CAMs are converted to float32 before they are accumulated.
         slice_dtype: dtype in which slices are written (e.g. ``torch.bfloat16`` to halve the slice memory;
@@ -110,7 +205,8 @@ class Encoder:
     def __init__(self, model, *, output: Output = None, in_channels: Union[str, int, None] = "auto",
                  context: int = 0, context_step: int = 1, window: Optional[Tuple[float, float]] = None,
                  zscore: bool = False, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, input_size=None, pixel_spacing: Optional[float] = None,
+                 std: Optional[Sequence[float]] = None, normalize: Normalize = "auto", input_size=None,
+                 pixel_spacing: Optional[float] = None,
                  batch_size: Optional[int] = None,
                  device=None, autocast: Optional[torch.dtype] = None,
                  slice_dtype: Optional[torch.dtype] = None, eval_mode: bool = True):
@@ -123,10 +219,7 @@ class Encoder:
             model.eval()
         self.output = _check_output(output)
         if in_channels == "auto":
-            in_channels = None
-            if isinstance(model, nn.Module):
-                conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-                in_channels = None if conv is None else int(conv.in_channels)
+            in_channels = model_in_channels(model)
         elif in_channels is not None and (isinstance(in_channels, bool) or not isinstance(in_channels, int)
                                           or in_channels < 1):
             raise ValueError(f"in_channels must be 'auto', None or a positive int, got {in_channels!r}")
@@ -148,10 +241,7 @@ class Encoder:
             window = (lo, hi)
         self.window = window
         self.zscore = bool(zscore)
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-        if self.std is not None and not bool((self.std > 0).all()):
-            raise ValueError(f"std must be positive, got {self.std.tolist()}")
+        self._set_normalization(*resolve_normalization(model, normalize, mean, std))
         self.input_size = _pair(input_size, "input_size")
         if pixel_spacing is not None:
             try:
@@ -175,9 +265,27 @@ class Encoder:
         self.slice_dtype = slice_dtype
 
     def __repr__(self) -> str:
+        norm = None if self.mean is None and self.std is None else (
+            None if self.mean is None else self.mean.tolist(), None if self.std is None else self.std.tolist())
         return (f"Encoder({type(self.model).__name__}, output={self.output!r}, in_channels={self.in_channels}, "
-                f"context={self.context}, window={self.window}, zscore={self.zscore}, "
+                f"context={self.context}, window={self.window}, zscore={self.zscore}, mean/std={norm}, "
                 f"input_size={self.input_size}, pixel_spacing={self.pixel_spacing}, autocast={self.autocast})")
+
+    def _set_normalization(self, mean, std) -> None:
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite, got {t.tolist()}")
+        if self.std is not None and not bool((self.std > 0).all()):
+            raise ValueError(f"std must be positive, got {self.std.tolist()}")
+
+    def with_normalize(self, normalize: Normalize) -> "Encoder":
+        """A copy of this encoder (same model, same adaptation) with its ``mean``/``std`` replaced as
+        ``normalize`` says (see :func:`resolve_normalization`; ``"auto"`` reads the model's ``pretrained_cfg``)."""
+        new = copy.copy(self)
+        new._set_normalization(*resolve_normalization(self.model, normalize))
+        return new
 
     def with_output(self, output: Output, name: str = "output") -> "Encoder":
         """A copy of this encoder (same model, same adaptation) selecting ``output`` instead."""
@@ -195,6 +303,15 @@ class Encoder:
             if p is not None:
                 return p.device
         return torch.device(default)
+
+    def dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the model's first floating-point parameter (batches are cast to it unless ``autocast``
+        is set), ``None`` for a model without parameters or a plain callable."""
+        if isinstance(self.model, nn.Module):
+            p = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+            if p is not None:
+                return p.dtype
+        return None
 
     def autocast_context(self, device: torch.device):
         """``torch.autocast`` for the model's device when ``autocast`` is set, else a no-op context."""
@@ -253,7 +370,7 @@ class Encoder:
 
     def model_input(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Batch ``(M, c, h, w)`` → the model's input on ``device``: channels repeated to ``in_channels``,
-        per-channel ``mean``/``std`` applied."""
+        per-channel ``mean``/``std`` applied, cast to the model's dtype (:meth:`dtype`) unless ``autocast``."""
         x = x.to(device, non_blocking=True)
         c = x.shape[1]
         if self.in_channels is not None and c != self.in_channels:
@@ -270,6 +387,9 @@ class Encoder:
                 x = x - self.mean.to(device=device, dtype=x.dtype).reshape(1, -1, 1, 1)
             if self.std is not None:
                 x = x / self.std.to(device=device, dtype=x.dtype).reshape(1, -1, 1, 1)
+        dtype = self.dtype() if self.autocast is None else None
+        if dtype is not None and x.dtype != dtype:
+            x = x.to(dtype)
         return x
 
     # -- outputs -----------------------------------------------------------------------------------------------
@@ -305,7 +425,7 @@ class Encoder:
             return self.model(x)
         except Exception as exc:
             raise RuntimeError(f"encoder raised {type(exc).__name__} on a batch of slices of shape "
-                               f"{tuple(x.shape)}: {exc}") from exc
+                               f"{tuple(x.shape)}: {error_line(exc)}") from exc
 
     def scores(self, batch: torch.Tensor) -> torch.Tensor:
         """Scores ``(M, K)`` float32 (float64 for a float64 batch) of slices ``(M, c, h, w)``, on the
@@ -325,10 +445,12 @@ class Encoder:
 
 
 def as_encoder(encoder, *, batch_size: Optional[int] = None) -> Encoder:
-    """``encoder`` itself when it is an :class:`Encoder`, else ``Encoder(encoder)`` with no input adaptation
-    (``in_channels=None``, so plain callables and modules see the slices exactly as sliced)."""
+    """``encoder`` itself when it is an :class:`Encoder`, else ``Encoder(encoder)`` with its defaults, so that a
+    model passed as it is behaves as the same model wrapped: an ``nn.Module`` (TorchScript too) is put in eval
+    mode, gets its channels replicated to its first convolution's, timm's ``pretrained_cfg`` normalisation when
+    it has one, batches in its parameters' dtype on its device; a plain function sees the slices as sliced."""
     if isinstance(encoder, Encoder):
         return encoder
     if not callable(encoder):
         raise TypeError(f"encoder must be an Encoder, an nn.Module or a callable, got {type(encoder).__name__}")
-    return Encoder(encoder, in_channels=None, batch_size=batch_size, eval_mode=False)
+    return Encoder(encoder, batch_size=batch_size)

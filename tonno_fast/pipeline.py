@@ -234,10 +234,16 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
             bar.close()
 
 
-def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
+def encode_slices(volume, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
                   backend: str = "auto", fill: float = 0.0, progress: bool = False,
-                  max_memory: Optional[int] = None, timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+                  max_memory: Optional[int] = None, timings: Optional[Dict[str, float]] = None,
+                  allow_nonfinite: bool = False) -> torch.Tensor:
     """Score every slice of ``geometry``: volume ``(B, C, D, H, W)`` → sinogram ``(B, K, N, S)``.
+
+    ``volume``: a tensor or NumPy array ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x), or
+    any object :func:`tomographic_heatmap` takes (a MONAI ``MetaTensor``, a nibabel image, a scan from
+    :func:`tonno_fast.load_nifti`), whose spacing must then be ``geometry``'s. ``allow_nonfinite``: accept NaN/inf
+    voxels.
 
     ``encoder``: an :class:`~tonno_fast.encoder.Encoder` (its window, z-score, context, channels, device and
     autocast apply) or any callable ``(M, C, h, w) → (M,)``/``(M, K)``, called under ``torch.no_grad()`` in
@@ -245,6 +251,9 @@ def encode_slices(volume: torch.Tensor, geometry: Geometry, encoder: Callable, *
     volume's dtype on its device; slices are streamed under ``max_memory`` bytes (see :func:`encode_chunks`).
     Raises :class:`~tonno_fast.memory.MemoryBudgetError` before the sinogram is allocated when it cannot fit.
     """
+    volume, spacing, _ = scan_and_spacing(volume, None)
+    volume, _ = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
+    check_geometry_spacing(geometry, spacing)
     enc = as_encoder(encoder)
     batch_size = resolve_batch_size(batch_size, enc)
     fill = finite_float(fill, "fill")
@@ -277,19 +286,26 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
     """ToNNO heatmap of ``volume`` for a 2D ``encoder`` (docs/design.md, "The method", "Reconstruction").
 
     Args:
-        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor (axes z, y, x), any real dtype
-            (int16 CT is converted to float32), or a scan that carries its spacing (:func:`tonno_fast.load_nifti`).
+        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor or NumPy array (axes z, y, x), any
+            real dtype (int16 CT is converted to float32); or an object that carries its spacing, read by
+            :func:`tonno_fast.validation.scan_and_spacing`: a :func:`tonno_fast.load_nifti` scan, a nibabel image
+            (read as ``load_nifti`` reads a file), a MONAI ``MetaTensor`` ``(X, Y, Z)``, ``(C, X, Y, Z)`` or
+            ``(B, C, X, Y, Z)`` in its affine's voxel order (the heatmap then comes back as a ``MetaTensor`` in
+            that order and rank, with its affine: ``(X, Y, Z)`` or ``(K, X, Y, Z)``, ``(B, K, X, Y, Z)``).
         encoder: callable ``(M, C, h, w)`` slices → ``(M,)`` or ``(M, K)`` scores (an ``nn.Module``, a function,
             a TorchScript module), or a :class:`tonno_fast.Encoder` carrying input adaptation (window, z-score,
-            context slices, channel replication, ``input_size``, ``pixel_spacing``, device, autocast, output
-            selection), e.g. from an encoder bundle (:func:`tonno_fast.load_encoder`).
+            context slices, channel replication, normalisation, ``input_size``, ``pixel_spacing``, device,
+            autocast, output selection), e.g. from an encoder bundle (:func:`tonno_fast.load_encoder`). A model
+            given as it is runs as ``Encoder(model)`` (:func:`tonno_fast.encoder.as_encoder`): eval mode, slices
+            repeated to its first convolution's channels, timm's ``pretrained_cfg`` mean/std, its dtype and device.
             Called under ``torch.no_grad()`` in chunks of at most ``batch_size`` slices.
         n_directions: number of Fibonacci directions on the hemisphere (default 64; ignored when ``directions``
             given).
         directions: ``(N, 3)`` unit vectors (x, y, z), ``(N, 2)`` angles (θ, φ) or ``(N, 3, 3)`` rotations.
         weights: ``(N,)`` quadrature weights (default ``2π/N``).
         spacing: voxel spacing ``(sz, sy, sx)`` mm. Required, unless ``volume`` carries it or ``geometry`` is
-            given (there is no default: a wrong spacing silently changes every slice).
+            given (there is no default: a wrong spacing silently changes every slice); one that contradicts the
+            volume's own is refused.
         slice_size: ``int`` or ``(h, w)`` pixels of each slice (default: the Encoder's ``input_size``, else
             covers the bounding sphere).
         slice_spacing: Δs mm between slices (default ``min(spacing)``).
@@ -331,7 +347,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
 
     Returns:
         Heatmap on the volume's device, float32 (float64 for a float64 volume): ``(D, H, W)`` for a 3D volume
-        and a single-score encoder, else ``(B, K, D, H, W)``. With ``return_sinogram=True``, a
+        and a single-score encoder, else ``(B, K, D, H, W)`` (a ``MetaTensor`` volume: see ``volume``). With ``return_sinogram=True``, a
         :class:`HeatmapResult` ``(heatmap, sinogram, geometry)``: ``sinogram`` ``(B, K, N, S)`` holds the
         encoder's scores before calibration.
     """
@@ -339,7 +355,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
                          score_transform=score_transform, score_baseline=score_baseline)
     if not isinstance(return_sinogram, bool):
         raise TypeError(f"return_sinogram must be a bool, got {type(return_sinogram).__name__}")
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     vol, ndim = as_volume5d(volume, "volume", allow_nonfinite=allow_nonfinite)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function), got {type(encoder).__name__}")
@@ -355,7 +371,8 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
         geometry = build()
         part, share = split_directions(geometry, process_group)
         scores = encode_slices(vol, part, enc, batch_size=batch_size, backend=backend, fill=fill,
-                               progress=progress, max_memory=max_memory, timings=timings)
+                               progress=progress, max_memory=max_memory, timings=timings,
+                               allow_nonfinite=True)  # checked above
         check_pipeline("tomographic_heatmap", vol, enc, dims, outputs=scores.shape[1], **mem)
     timer = _Timer(timings, [vol.device])
     recon = dict(filter=filter, window=window, score_transform=score_transform, score_baseline=score_baseline,
@@ -367,6 +384,7 @@ def tomographic_heatmap(volume, encoder: Callable, *, n_directions: Optional[int
             heat = reconstruct_split(scores, geometry, share, process_group, reconstruction, **recon)
     if ndim == 3 and heat.shape[1] == 1:
         heat = heat[0, 0]
+    heat = restore(heat)
     return HeatmapResult(heat, scores, part) if return_sinogram else heat
 
 
@@ -408,11 +426,7 @@ def plan_geometry(volume_shape, encoder: Encoder, *, geometry: Optional[Geometry
         if tuple(geometry.volume_shape) != shape:
             raise ValueError(f"geometry was made for volumes of shape {tuple(geometry.volume_shape)}, the volume "
                              f"has {shape}")
-        if spacing is not None:
-            from .geometry import normalize_spacing
-            sp = normalize_spacing(spacing)
-            if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(sp, geometry.spacing)):
-                raise ValueError(f"spacing={sp} contradicts the geometry's spacing {tuple(geometry.spacing)} (mm)")
+        check_geometry_spacing(geometry, spacing)
         if encoder.input_size is not None and (geometry.height, geometry.width) != encoder.input_size:
             raise ValueError(f"geometry slices are {(geometry.height, geometry.width)} pixels but the encoder's "
                              f"input_size is {encoder.input_size}")
@@ -427,6 +441,16 @@ def plan_geometry(volume_shape, encoder: Encoder, *, geometry: Optional[Geometry
     dims = geometry_dims(shape, n_directions=n_directions, directions=directions, **sizes)
     return dims, lambda: make_geometry(shape, n_directions=n_directions, directions=directions, weights=weights,
                                        **sizes)
+
+
+def check_geometry_spacing(geometry: Geometry, spacing) -> None:
+    """A ``spacing`` (mm, z y x) given with, or carried by the volume given with, ``geometry`` must be its own."""
+    if spacing is None:
+        return
+    from .geometry import normalize_spacing
+    sp = normalize_spacing(spacing)
+    if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(sp, geometry.spacing)):
+        raise ValueError(f"spacing={sp} contradicts the geometry's spacing {tuple(geometry.spacing)} (mm)")
 
 
 def resolve_geometry(volume_shape, encoder: Encoder, **kwargs) -> Geometry:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import ops
 from .geometry import (Geometry, bounding_radius, fibonacci_directions, frames_from_directions, normalize_spacing,
                        rotate_frames_in_plane, shift_offsets)
+from .validation import scan_and_spacing
 
 __all__ = ["ObliqueSliceSampler", "SliceBatch", "BagBatch", "sample_directions"]
 
@@ -147,14 +148,6 @@ def _as_volume4d(v, name: str, *, mask: bool = False) -> torch.Tensor:
     return v
 
 
-def _volume_and_spacing(v):
-    """A scan object with ``.data`` and ``.spacing`` (e.g. from :func:`tonno_fast.load_nifti`) → its data and
-    spacing; anything else → ``(v, None)``."""
-    if hasattr(v, "data") and hasattr(v, "spacing") and not isinstance(v, (torch.Tensor, np.ndarray)):
-        return v.data, v.spacing
-    return v, None
-
-
 def _to_mm(idx: torch.Tensor, shape, spacing) -> torch.Tensor:
     """Continuous voxel indices ``(P, 3)`` (d, h, w) → positions ``(P, 3)`` float64 mm (x, y, z), origin at the
     volume centre (the library's convention)."""
@@ -185,10 +178,12 @@ class ObliqueSliceSampler:
 
     Args:
         volumes: sequence of ``(D, H, W)`` or ``(C, D, H, W)`` tensors/arrays (z, y, x; shapes may differ,
-            channel counts may not), or one ``(V, C, D, H, W)`` tensor.
+            channel counts may not), or one ``(V, C, D, H, W)`` tensor; or of the scans the pipelines take
+            (:func:`tonno_fast.load_nifti` results, nibabel images, MONAI ``MetaTensor`` volumes ``(X, Y, Z)`` or
+            ``(C, X, Y, Z)``), read as :func:`tonno_fast.tomographic_heatmap` reads them.
         labels: ``(V,)`` or ``(V, K)`` volume-level labels (e.g. 0/1).
         spacing: voxel spacing ``(sz, sy, sx)`` mm for all volumes, or a list of one per volume. Required
-            unless ``volumes`` are scans that carry it (:func:`tonno_fast.load_nifti` results).
+            unless ``volumes`` are scans that carry it.
         slice_size: ``int`` or ``(h, w)``: the encoder's input size.
         pixel_spacing: in-plane pixel spacing δ (mm). Default: the slice spans each volume's bounding sphere
             (as in :func:`~tonno_fast.geometry.make_geometry`), which depends on the volume's shape.
@@ -215,7 +210,7 @@ class ObliqueSliceSampler:
                  device=None, backend: str = "auto", seed: Optional[int] = None):
         if isinstance(volumes, torch.Tensor) and volumes.ndim == 5:
             volumes = list(volumes.unbind(0))
-        pairs = [_volume_and_spacing(v) for v in volumes]
+        pairs = [scan_and_spacing(v, None)[:2] for v in volumes]
         vols = [_as_volume4d(v, f"volumes[{i}]") for i, (v, _) in enumerate(pairs)]
         if not vols:
             raise ValueError("volumes must not be empty")

@@ -18,16 +18,25 @@ PyTorch operator does.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["as_volume5d", "scan_and_spacing", "check_volume5d", "compute_dtype", "check_float_tensor", "check_nonempty",
+__all__ = ["as_volume5d", "scan_and_spacing", "ScanInput", "NonFiniteError", "check_volume5d", "compute_dtype", "check_float_tensor", "check_nonempty",
            "check_same_device", "finite_float", "FLOAT_DTYPES"]
 
 #: dtypes every operator computes in.
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+class NonFiniteError(ValueError):
+    """A volume holds ``count`` NaN or inf voxels and ``allow_nonfinite`` was not given (the command line names
+    its own option)."""
+
+    def __init__(self, message: str, count: int = 0):
+        super().__init__(message)
+        self.count = count
 
 
 def compute_dtype(t: torch.Tensor, name: str) -> torch.dtype:
@@ -68,24 +77,60 @@ def as_volume5d(volume, name: str = "volume", *, allow_nonfinite: bool = False
         raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
     if not allow_nonfinite and vol.device.type != "meta" and not bool(torch.isfinite(vol).all()):
         bad = int((~torch.isfinite(vol)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or inf values; clean it (e.g. torch.nan_to_num) or pass "
-                         f"allow_nonfinite=True")
+        raise NonFiniteError(f"{name} contains {bad} NaN or inf values; clean it (e.g. torch.nan_to_num) or pass "
+                             f"allow_nonfinite=True", bad)
     return vol, ndim
 
 
-def scan_and_spacing(volume, spacing):
-    """``(data, spacing)`` of a pipeline's input: a scan that carries its spacing (an object with ``.data`` and
-    ``.spacing``, such as :func:`tonno_fast.load_nifti`'s result) gives both, a plain tensor or array keeps the
-    ``spacing`` given. A given ``spacing`` that contradicts the scan's own is refused."""
-    if isinstance(volume, (torch.Tensor, np.ndarray)) or not (hasattr(volume, "data") and hasattr(volume, "spacing")):
-        return volume, spacing
-    own = tuple(float(s) for s in volume.spacing)
+class ScanInput(NamedTuple):
+    """What :func:`scan_and_spacing` makes of a pipeline's ``volume`` argument."""
+
+    data: Any  #: tensor or array, axes (..., z, y, x)
+    spacing: Optional[Tuple[float, float, float]]  #: (sz, sy, sx) mm: the object's own, else the one given
+    restore: Callable[[torch.Tensor], Any]  #: the pipeline's output → the input's own kind (a MetaTensor)
+
+
+def _same(heat: torch.Tensor) -> torch.Tensor:
+    return heat
+
+
+def scan_and_spacing(volume, spacing) -> ScanInput:
+    """``(data, spacing, restore)`` of a pipeline's ``volume`` and ``spacing`` arguments: the one place where the
+    objects users hold become the library's ``(..., z, y, x)`` volumes with a spacing in mm.
+
+    * a MONAI ``MetaTensor`` ``(X, Y, Z)``, ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` in its file's voxel order:
+      spatial axes reversed, spacing from its affine, and ``restore`` turns the heatmap into a ``MetaTensor`` of
+      the input's order, rank and affine (:func:`tonno_fast.io.metatensor.from_metatensor`; MONAI is imported
+      only then);
+    * a nibabel image (``nib.load(path)``, a ``Nifti1Image``): read as :func:`tonno_fast.load_nifti` reads a
+      file, ``(z, y, x)`` = the voxel axes ``(k, j, i)``, spacing from its affine;
+    * a scan that carries its spacing (an object with ``.data`` and ``.spacing``, such as
+      :func:`tonno_fast.load_nifti`'s result): both;
+    * a tensor or NumPy array: itself (axes ``(..., z, y, x)``) and the ``spacing`` given.
+
+    A given ``spacing`` that contradicts the object's own is refused with ``ValueError``. ``restore`` is the
+    identity except for a ``MetaTensor``.
+    """
+    from .io.metatensor import from_metatensor, is_metatensor
+    from .io.nifti import is_nibabel_image, load_nifti
+
+    restore = _same
+    if is_metatensor(volume):
+        data, own, restore = from_metatensor(volume)
+        source = "the MetaTensor's affine"
+    elif is_nibabel_image(volume):
+        scan = load_nifti(volume)
+        data, own, source = scan.data, scan.spacing, "the nibabel image's affine"
+    elif isinstance(volume, (torch.Tensor, np.ndarray)) or not (hasattr(volume, "data") and hasattr(volume, "spacing")):
+        return ScanInput(volume, spacing, restore)
+    else:
+        data, own, source = volume.data, tuple(float(s) for s in volume.spacing), "the scan's own spacing"
     if spacing is not None:
         from .geometry import normalize_spacing
         given = normalize_spacing(spacing)
         if any(abs(a - b) > 1e-6 * max(a, b) for a, b in zip(given, own)):
-            raise ValueError(f"spacing={given} contradicts the scan's own spacing {own} (mm); leave spacing out")
-    return volume.data, own
+            raise ValueError(f"spacing={given} contradicts {source} {own} (mm, z y x); leave spacing out")
+    return ScanInput(data, own, restore)
 
 
 def check_float_tensor(t, name: str, shape_hint: str) -> None:

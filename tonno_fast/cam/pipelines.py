@@ -161,7 +161,7 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
     ``process_group`` each rank streams its share of the directions into its own accumulator (weights from all
     directions) and an ``all_reduce`` sums the accumulators before the normalisation."""
     check_filter(filter, window)
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
@@ -206,7 +206,7 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
                       held_bytes_per_direction=B * K * S * h * w * elem, buffer_dtype=vol.dtype,
                       progress=progress, timings=timings)
     acc = all_reduce_sum(acc, process_group) if process_group is not None else acc
-    return _finish_output(acc, vol.dtype, ndim, normalize)
+    return restore(_finish_output(acc, vol.dtype, ndim, normalize))
 
 
 def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targets=None, reshape_transform=None,
@@ -220,10 +220,14 @@ def averaged_cam(volume, encoder, *, target_layers=None, method="gradcam", targe
     and averaged over orientations with weights ``w_k / Σ w``.
 
     Args:
-        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` (axes z, y, x); any real dtype; or a
-            scan that carries its spacing (:func:`tonno_fast.load_nifti`).
+        volume: ``(D, H, W)``, ``(C, D, H, W)`` or ``(B, C, D, H, W)`` tensor or NumPy array (axes z, y, x); any
+            real dtype; or a scan that carries its spacing: a :func:`tonno_fast.load_nifti` scan, a nibabel image,
+            a MONAI ``MetaTensor`` (the map then comes back as a ``MetaTensor``), as for
+            :func:`tonno_fast.tomographic_heatmap`.
         encoder: a :class:`tonno_fast.Encoder` (input adaptation, device, autocast, output selection = the CAM
-            targets) or an ``nn.Module`` (used as is; put it in eval mode).
+            targets) or an ``nn.Module``, which runs as ``Encoder(module)`` (eval mode, channels repeated to its
+            first convolution's, timm's ``pretrained_cfg`` normalisation, its dtype), as in
+            :func:`tonno_fast.tomographic_heatmap`.
         target_layers: module(s) or dotted name(s) hooked by ``"gradcam"``/``"layercam"``.
         method: ``"gradcam"``, ``"layercam"``, a ``pytorch_grad_cam`` CAM object, a
             :class:`~tonno_fast.cam.methods.CAMMethod` or a callable ``slices (M, c, h, w) → (M, [K,] h', w')``.
@@ -312,7 +316,7 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     Adjacent-slice context takes the axial neighbours ``volume[k ± step]`` (``fill`` beyond the ends). Other
     arguments and the return value as :func:`averaged_cam`.
     """
-    volume, spacing = scan_and_spacing(volume, spacing)
+    volume, spacing, restore = scan_and_spacing(volume, spacing)
     normalize, budget, vol, ndim, enc, bs, compute = _start(
         volume, encoder, target_layers=target_layers, method=method, targets=targets,
         reshape_transform=reshape_transform, normalize=normalize, batch_size=batch_size, max_memory=max_memory,
@@ -361,4 +365,4 @@ def slicewise_cam(volume, encoder, *, target_layers=None, method="gradcam", targ
     encode_chunks(slicer, enc, compute, finish, stats=stats, batch_size=bs, max_memory=budget,
                   held_bytes_per_direction=B * K * D * slicer.height * slicer.width * vol.element_size(),
                   buffer_dtype=vol.dtype, progress=progress, timings=timings)
-    return _finish_output(out["cam"], vol.dtype, ndim, normalize)
+    return restore(_finish_output(out["cam"], vol.dtype, ndim, normalize))

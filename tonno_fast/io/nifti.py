@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["NiftiVolume", "load_nifti", "save_nifti"]
+__all__ = ["NiftiVolume", "load_nifti", "save_nifti", "is_nibabel_image", "spacing_from_affine"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,14 +37,21 @@ def _is_nifti_name(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def load_nifti(path: PathLike, *, volume_index: Optional[int] = None) -> NiftiVolume:
-    """Load a ``.nii``/``.nii.gz`` file as a ``(D, H, W)`` float32 tensor (scaling ``scl_slope`` applied).
+def load_nifti(path, *, volume_index: Optional[int] = None) -> NiftiVolume:
+    """Load a ``.nii``/``.nii.gz`` file, or a nibabel image already in memory (``nib.load(...)``, a
+    ``Nifti1Image``, any nibabel spatial image), as a ``(D, H, W)`` float32 tensor (z, y, x: the file's voxel
+    axes ``(i, j, k)`` reversed; ``scl_slope`` applied) with spacing ``(sz, sy, sx)`` mm from the affine
+    (:func:`spacing_from_affine`) and the affine itself.
 
-    4D files need ``volume_index`` (which volume along the 4th axis). Raises ``FileNotFoundError`` for a
-    missing file and ``ValueError`` for a file that is not a readable 3D NIfTI.
+    4D images need ``volume_index`` (which volume along the 4th axis). Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` for a file or image that is not a readable 3D volume.
     """
+    if is_nibabel_image(path):
+        return _from_image(path, "the nibabel image", volume_index)
     import nibabel as nib
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_nifti takes a path or a nibabel image, got {type(path).__name__}")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such file: {p}")
@@ -52,27 +59,53 @@ def load_nifti(path: PathLike, *, volume_index: Optional[int] = None) -> NiftiVo
         raise ValueError(f"{p} is not a NIfTI file (expected a .nii or .nii.gz name)")
     try:
         img = nib.load(str(p))
-        data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
     except Exception as exc:  # nibabel raises many types for broken files
         raise ValueError(f"cannot read {p} as NIfTI: {type(exc).__name__}: {exc}") from None
+    return _from_image(img, str(p), volume_index)
+
+
+def is_nibabel_image(obj) -> bool:
+    """Whether ``obj`` is a nibabel image (found by its type's module, so nibabel is not imported for this)."""
+    return (any(c.__module__.split(".")[0] == "nibabel" for c in type(obj).__mro__)
+            and hasattr(obj, "dataobj") and hasattr(obj, "affine"))
+
+
+def spacing_from_affine(affine) -> Tuple[float, float, float]:
+    """Voxel spacing ``(sz, sy, sx)`` mm of a 4x4 voxel→world matrix over voxel axes ``(i, j, k)`` (a NIfTI
+    file's, a nibabel image's, a MONAI ``MetaTensor``'s): the norms of its columns ``k, j, i``, i.e. in the
+    library's (z, y, x) axis order. Checked first (:func:`_check_affine`)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_affine(affine, "the affine")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # along voxel axes i, j, k
+    return float(zooms[2]), float(zooms[1]), float(zooms[0])
+
+
+def _from_image(img, name: str, volume_index: Optional[int]) -> NiftiVolume:
+    """A nibabel image → :class:`NiftiVolume` (what :func:`load_nifti` returns)."""
+    try:
+        data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise ValueError(f"cannot read {name} as NIfTI: {type(exc).__name__}: {exc}") from None
     data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 and all(
         s == 1 for s in data.shape[3:]) else data
     if data.ndim == 4:
         if volume_index is None:
-            raise ValueError(f"{p} is a 4D NIfTI with {data.shape[3]} volumes; choose one with volume_index")
+            raise ValueError(f"{name} is a 4D NIfTI with {data.shape[3]} volumes; choose one with volume_index")
         if isinstance(volume_index, bool) or not isinstance(volume_index, (int, np.integer)):
             raise TypeError(f"volume_index must be an integer, got {type(volume_index).__name__}")
         if not 0 <= volume_index < data.shape[3]:
             raise ValueError(f"volume_index must be in [0, {data.shape[3]}), got {volume_index}")
         data = data[..., volume_index]
     if data.ndim != 3:
-        raise ValueError(f"{p} holds a {data.ndim}D image with shape {data.shape}; a 3D volume is needed")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(affine, f"the affine of {p}")
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # along voxel axes i, j, k
-    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+        raise ValueError(f"{name} holds a {data.ndim}D image with shape {data.shape}; a 3D volume is needed")
+    affine = img.affine
+    if affine is None:  # an image made with affine=None: nibabel's own choice from the header's zooms
+        affine = img.header.get_best_affine()
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_affine(affine, f"the affine of {name}")
+    spacing = spacing_from_affine(affine)
     tensor = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    return NiftiVolume(tensor, spacing, affine, img.header)
+    return NiftiVolume(tensor, spacing, affine, getattr(img, "header", None))
 
 
 def _check_affine(affine: np.ndarray, name: str) -> None:
