@@ -38,11 +38,12 @@ bench: build
 clean:
 	rm -rf build dist *.egg-info $(VENV) tonno_fast/*.so tonno_fast/_C.build.json
 
-# The source distribution users build from (`pip install --no-build-isolation dist/tonno_fast-*.tar.gz`).
+# The source distribution users build from (`pip install --no-build-isolation dist/tonno_fast-*.tar.gz`). -I keeps
+# the build/ folder of this tree (make asan's) from shadowing PyPI's `build` package.
 sdist: $(VENV)/.deps
-	$(PY) -c 'import build' 2>/dev/null || $(PIP) install -q build
+	$(PY) -I -c 'import build.__main__' 2>/dev/null || $(PIP) install -q build
 	rm -f dist/tonno_fast-*.tar.gz
-	$(PY) -m build --sdist --no-isolation --outdir dist .
+	$(PY) -I -m build --sdist --no-isolation --outdir dist .
 
 # What a user does, checked from outside the source tree: the sdist pip-installed into a fresh venv holding only
 # torch (and setuptools, ninja), compiled there (CPU kernels only, to keep CI time), then tests/install_smoke.py:
