@@ -106,6 +106,27 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
     assert (tmp_path / "encoder.pt").exists()
 
 
+def test_demo_numbers_do_not_depend_on_worker_processes(tmp_path):
+    # Each training run (with its heatmaps) seeds itself, so sharing the runs among spawned worker processes gives
+    # the same numbers as running them one after the other in this process.
+    import dataclasses
+
+    from tonno_fast.demo.run import QUICK, run_demo
+
+    tiny = dataclasses.replace(QUICK, n_train=8, n_val=2, n_test=2, steps=4, seeds=1, validate_every=2,
+                               validation_bags=4, eval_slices=64, n_directions=4, cam_directions=2, n_slices=8,
+                               png_subjects=0)
+    one = run_demo(tiny, tmp_path / "one", progress=False, workers=1)
+    two = run_demo(tiny, tmp_path / "two", progress=False, workers=2)
+    assert set(one["runs"]) == {"bag", "slice"}
+    for obj in one["runs"]:
+        a, b = one["runs"][obj][0], two["runs"][obj][0]
+        assert a["dice_best"] == b["dice_best"] and a["encoder"] == b["encoder"]
+        assert [h["loss"] for h in a["training_history"]] == [h["loss"] for h in b["training_history"]]
+        assert [v["loss"] for v in a["validation"]] == [v["loss"] for v in b["validation"]]
+    assert not (tmp_path / "two" / ".subjects.pt").exists()  # the workers' copy of the subjects is removed
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_encoder_converges_on_demo_data(seed):
     # At the demo's difficulty, weak-label training must converge for every seed, not by luck.
