@@ -248,9 +248,12 @@ def test_run_scatter_sums_every_contribution(cap, monkeypatch):
         monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", cap)
     g = torch.Generator().manual_seed(3)
     n_outer, n_inner, numel = 3, 5, 7  # fewer targets than slots: the unwritten slots wrap around the output
-    contributions = [[[(int(torch.randint(numel, (1,), generator=g)), float(torch.randn(1, generator=g, dtype=torch.float64)))
-                       for _ in range(int(torch.randint(5, (1,), generator=g)))] for _ in range(n_inner)]
-                     for _ in range(n_outer)]
+
+    def pair():  # 0 to 4 contributions to random targets
+        n = int(torch.randint(5, (1,), generator=g))
+        targets = torch.randint(numel, (n,), generator=g).tolist()
+        return list(zip(targets, torch.randn(n, generator=g, dtype=torch.float64).tolist()))
+    contributions = [[pair() for _ in range(n_inner)] for _ in range(n_outer)]
     expected = torch.zeros(numel, dtype=torch.float64)
     for per_outer in contributions:
         for pair in per_outer:

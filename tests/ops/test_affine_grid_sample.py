@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import tonno_fast as tf
-from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_deterministic,
-                     assert_matches, assert_raises, assert_rejects, deterministic_against_reference,
-                     deterministic_algorithms, gradcheck, noncontig,
-                     opcheck, rand, random_theta)
+from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_deterministic, assert_matches,
+                     assert_raises, assert_rejects, deterministic_against_reference, deterministic_algorithms,
+                     gradcheck, noncontig, opcheck, rand, random_theta)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.geometry import affine_theta_grad, affine_theta_maps

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from harness import (DIRECTIONS, GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     assert_matches, deterministic_against_reference, assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck,
-                     opcheck, rand, vjp)
+from harness import (DIRECTIONS, GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles,
+                     assert_deterministic, assert_matches, assert_raises, assert_rejects,
+                     deterministic_against_reference, fuzz_against_reference, geometry, gradcheck, opcheck, rand, vjp)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from conftest import gaussian_blobs
 from tonno_fast import ops

@@ -6,8 +6,8 @@ import torch
 
 import tonno_fast as tf
 from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     deterministic_against_reference,
-                     assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck, opcheck, rand)
+                     assert_raises, assert_rejects, deterministic_against_reference, fuzz_against_reference, geometry,
+                     gradcheck, opcheck, rand)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.filters import apply_filter

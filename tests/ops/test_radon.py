@@ -10,8 +10,8 @@ import torch
 import tonno_fast as tf
 from conftest import gaussian_blobs
 from harness import (GEOMETRIES, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     assert_matches, deterministic_against_reference, assert_rejects, fuzz_against_reference, geometry, gradcheck, noncontig, opcheck,
-                     rand)
+                     assert_matches, assert_rejects, deterministic_against_reference, fuzz_against_reference, geometry,
+                     gradcheck, noncontig, opcheck, rand)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 
 

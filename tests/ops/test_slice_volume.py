@@ -6,8 +6,9 @@ import torch
 
 import tonno_fast as tf
 from harness import (GEOMETRIES, REFERENCE, TOL, against_reference, assert_adjoint, assert_close_elementwise,
-                     assert_compiles, assert_deterministic, assert_raises, deterministic_against_reference, assert_rejects, fuzz_against_reference,
-                     geometry, gradcheck, noncontig, opcheck, rand, ulp)
+                     assert_compiles, assert_deterministic, assert_raises, assert_rejects,
+                     deterministic_against_reference, fuzz_against_reference, geometry, gradcheck, noncontig, opcheck,
+                     rand, ulp)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 

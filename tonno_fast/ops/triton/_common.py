@@ -34,7 +34,8 @@ import triton.language as tl
 
 __all__ = ["INTERPRETED", "launch", "pow2_block", "one_per_thread", "interpreter_block", "interpreter_block_bk",
            "scalars", "DEFAULT_DETERMINISTIC_CHUNK", "deterministic_chunk", "chunks",
-           "reduce_contributions", "run_scatter", "sink_add", "voxel_coords", "voxel_tile", "row_offsets", "tile_offsets",
+           "reduce_contributions", "run_scatter", "sink_add", "voxel_coords", "voxel_tile", "row_offsets",
+           "tile_offsets",
            "linear_taps", "linear_taps_dx", "apply_row", "bilinear_gather", "bilinear_scatter",
            "trilinear_gather", "trilinear_scatter", "trilinear_gather_with_grad", "slice_taps"]
 

@@ -124,7 +124,8 @@ def _bps_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr, idx_ptr, val
 
     Work (``_common.run_scatter``): outer items = the directions from ``n0`` (grid y), inner items = the voxels
     ``[v0, v1)`` (grid x); ``NC`` = 8 corners (16 with the laplacian: 4 planes × 4) per voxel, direction and row;
-    slot of voxel ``x``, direction ``n``, row ``bk``, corner ``r``: ``(((n - n0)·(v1 - v0) + x - v0)·BK + bk)·NC + r``."""
+    slot of voxel ``x``, direction ``n``, row ``bk``, corner ``r``:
+    ``(((n - n0)·(v1 - v0) + x - v0)·BK + bk)·NC + r``."""
     n = n0 + tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
     V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64), v0,
