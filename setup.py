@@ -14,13 +14,13 @@ isolated build cannot silently compile against whatever torch the index offers t
 Why not PyTorch's stable ABI (``torch/csrc/stable``, ``STABLE_TORCH_LIBRARY``, ``torch::stable::Tensor``), with
 which one binary would serve several torch releases: the host code of the kernels is written against ATen
 (``at::Tensor`` in about 190 places, ``AT_DISPATCH_*``, ``TensorOptions``, ``c10::cuda`` guards and streams,
-``at::in_parallel_region``, ``at::globalContext().alertNotDeterministic`` for the CUDA adjoints that use
-atomics) and ``build_info`` is a pybind11 function. torch 2.14's stable API covers most of it (``empty``,
-``zeros``, ``contiguous``, ``to``, ``sum``, ``view``, ``parallel_for``, ``get_num_threads``, a device guard, the
-current CUDA stream, ``int[]`` and ``ScalarType?`` arguments) but has no deterministic-algorithms alert and no
-``in_parallel_region``, and its pieces are gated on torch 2.10 to 2.14 (our floor is 2.4). Moving means
-rewriting every host function and re-proving it bitwise against today's; until then the build is tied to the
-installed torch and checked at run time.
+``at::in_parallel_region``, ``at::globalContext().deterministicAlgorithms()`` and ``index_put_`` for the CUDA
+adjoints' deterministic path) and ``build_info`` is a pybind11 function. torch 2.14's stable API covers most of
+it (``empty``, ``zeros``, ``contiguous``, ``to``, ``sum``, ``view``, ``parallel_for``, ``get_num_threads``, a
+device guard, the current CUDA stream, ``int[]`` and ``ScalarType?`` arguments) but has no
+deterministic-algorithms query, no ``index_put_`` and no ``in_parallel_region``, and its pieces are gated on
+torch 2.10 to 2.14 (our floor is 2.4). Moving means rewriting every host function and re-proving it bitwise
+against today's; until then the build is tied to the installed torch and checked at run time.
 
 Environment:
 

@@ -4,8 +4,12 @@
   CPU kernels partition their outputs (no atomics; each output element is summed in a fixed order by one
   thread), so the thread count only changes who computes an element, not how.
 * The ops give identical results when called from several Python threads at once (no hidden global state).
-* On CUDA, backward under ``torch.use_deterministic_algorithms(True)`` is either bitwise reproducible or
-  refused with a clear error (scatter-adds with atomics are not order-stable).
+* On a GPU the adjoints scatter with atomic adds by default (not order-stable); under
+  ``torch.use_deterministic_algorithms(True)`` the CUDA and Triton adjoints take their deterministic path
+  (contributions emitted to buffers and summed in a fixed order, chunk by chunk: ``run_scatter`` in
+  ``csrc/ops/cuda/common.cuh`` and ``tonno_fast/ops/triton/_common.py``) and are bitwise reproducible. The
+  chunking and the reduction of that path are unit-tested here; each op's deterministic adjoint is tested
+  against the reference in ``tests/ops``.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -132,19 +136,185 @@ def test_heatmaps_from_several_python_threads():
     assert_bitwise(serial, parallel)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and _available("cuda")), reason="needs a GPU and CUDA kernels")
-def test_cuda_backward_under_deterministic_algorithms():
-    """Each CUDA backward is reproducible bit for bit when deterministic algorithms are requested, or refuses
-    with an error that says so."""
+GPU_BACKENDS = [pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                    not (torch.cuda.is_available() and _available("cuda")), reason="needs a GPU and CUDA kernels")]),
+                pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
+                    not (torch.cuda.is_available() and _available("triton")), reason="needs a GPU and Triton")])]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_backward_under_deterministic_algorithms(backend, dtype):
+    """Every GPU backward runs under ``torch.use_deterministic_algorithms(True)`` (the scatters' deterministic
+    path), is reproducible bit for bit, and agrees with the default (atomic) path up to the order of the sums."""
+    free = run_all(backend, dtype, device="cuda")
     before = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        try:
-            a = run_all("cuda", device="cuda")
-        except RuntimeError as exc:
-            assert "determinis" in str(exc), str(exc)
-            return
-        b = run_all("cuda", device="cuda")
+        a = run_all(backend, dtype, device="cuda")
+        b = run_all(backend, dtype, device="cuda")
     finally:
         torch.use_deterministic_algorithms(before)
     assert_bitwise(a, b)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for i, (x, y) in enumerate(zip(a, free)):
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        assert float((x - y).abs().max()) <= rtol * max(scale, 1.0), i
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and _available("cuda")), reason="needs a GPU and CUDA kernels")
+def test_cuda_deterministic_chunks(monkeypatch):
+    """The CUDA adjoints' deterministic path split into many chunks (``TONNO_FAST_DETERMINISTIC_CHUNK`` = 300
+    slots) is reproducible bit for bit and equals the one-chunk result to rounding (the chunks are summed one
+    after the other: another order); a bad setting is refused with an error naming it."""
+    one = _deterministic_run("cuda")
+    monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", "300")
+    many, again = _deterministic_run("cuda"), _deterministic_run("cuda")
+    assert_bitwise(many, again)
+    for x, y in zip(one, many):
+        assert float((x - y).abs().max()) <= 1e-12 * max(float(y.abs().max()), 1.0)
+    monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", "zero")
+    with pytest.raises(RuntimeError, match="TONNO_FAST_DETERMINISTIC_CHUNK"):
+        _deterministic_run("cuda")
+
+
+def _deterministic_run(backend):
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        return run_all(backend, device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deterministic path of the Triton adjoints, unit by unit (the CUDA one, common.cuh, is the same algorithm).
+
+def _triton_common():
+    state = tonno_fast.backends().get("triton")
+    if state != "available":
+        pytest.skip(f"triton: {state}")
+    from tonno_fast.ops.triton import _common
+    return _common
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n_outer, n_inner, per_pair, cap", [
+    (6, 4, 96, 1 << 22), (6, 4, 96, 1000), (6, 4, 96, 200), (6, 4, 96, 1), (2, 60, 16, 200), (2, 60, 16, 961),
+    (5, 7, 3, 21), (5, 7, 3, 20), (1, 1, 8, 1), (3, 1000, 8, 64),
+])
+def test_chunks_cover_the_work_once_within_the_bound(n_outer, n_inner, per_pair, cap):
+    """Every (outer, inner) pair in exactly one chunk, in order; at most max(cap, per_pair) slots a chunk; whole
+    outer items whenever one fits, and as few chunks as that allows."""
+    c = _triton_common()
+    plan = c.chunks(n_outer, n_inner, per_pair, cap)
+    pairs = [(o, i) for o0, o1, i0, i1 in plan for o in range(o0, o1) for i in range(i0, i1)]
+    assert pairs == [(o, i) for o in range(n_outer) for i in range(n_inner)]
+    assert all((o1 - o0) * (i1 - i0) * per_pair <= max(cap, per_pair) for o0, o1, i0, i1 in plan)
+    per_chunk = max(1, cap // per_pair)
+    if n_inner * per_pair <= cap:
+        assert all(i0 == 0 and i1 == n_inner for _, _, i0, i1 in plan)
+        assert len(plan) == -(-n_outer // (per_chunk // n_inner))
+    else:
+        assert all(o1 == o0 + 1 for o0, o1, _, _ in plan)
+        assert len(plan) == n_outer * -(-n_inner // per_chunk)
+
+
+def _emitting_launch(calls, contributions):
+    """A stand-in adjoint kernel for run_scatter: pair (o, i) adds the contributions ``contributions[o][i]``
+    (a list of (target, value), at most per_pair of them), into their slots (emit) or atomically (``out``)."""
+    def launch(o0, o1, i0, i1, index, value, emit, out=None):
+        calls.append((o0, o1, i0, i1, emit))
+        for o in range(o0, o1):
+            for i in range(i0, i1):
+                for r, (target, v) in enumerate(contributions[o][i]):
+                    if emit:
+                        s = ((o - o0) * (i1 - i0) + i - i0) * 4 + r
+                        index[s], value[s] = target, v
+                    else:
+                        out.view(-1)[target] += v
+    return launch
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cap", [None, "1", "8", "13", "40"])
+def test_run_scatter_sums_every_contribution(cap, monkeypatch):
+    """run_scatter under deterministic algorithms: every emitted contribution summed once into its target
+    (duplicates included, unwritten slots adding nothing) whatever the chunking, bitwise the same on a second run;
+    outside that mode a single launch over everything, without buffers."""
+    c = _triton_common()
+    if cap is not None:
+        monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", cap)
+    g = torch.Generator().manual_seed(3)
+    n_outer, n_inner, numel = 3, 5, 7  # fewer targets than slots: the unwritten slots wrap around the output
+
+    def pair():  # 0 to 4 contributions to random targets
+        n = int(torch.randint(5, (1,), generator=g))
+        targets = torch.randint(numel, (n,), generator=g).tolist()
+        return list(zip(targets, torch.randn(n, generator=g, dtype=torch.float64).tolist()))
+    contributions = [[pair() for _ in range(n_inner)] for _ in range(n_outer)]
+    expected = torch.zeros(numel, dtype=torch.float64)
+    for per_outer in contributions:
+        for pair in per_outer:
+            for target, v in pair:
+                expected[target] += v
+    dummy = torch.empty(0)
+
+    def run():
+        calls = []
+        out = torch.zeros(numel, dtype=torch.float64)
+        launch = _emitting_launch(calls, contributions)
+        c.run_scatter(out, n_outer, n_inner, 4, dummy, lambda *a: launch(*a, out=out))
+        return out, calls
+
+    free, calls = run()
+    assert calls == [(0, n_outer, 0, n_inner, False)]
+    torch.testing.assert_close(free, expected, rtol=1e-14, atol=1e-14)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first, calls = run()
+        second, _ = run()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(emit for *_, emit in calls)
+    assert [c_[:4] for c_ in calls] == c.chunks(n_outer, n_inner, 4, int(cap) if cap else c.DEFAULT_DETERMINISTIC_CHUNK)
+    torch.testing.assert_close(first, expected, rtol=1e-14, atol=1e-14)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.triton
+def test_unwritten_slots_change_nothing():
+    """The prefill of the slots no contribution writes (+0 spread over the output) leaves every element as the
+    contributions make it, bit for bit, signed zeros and NaN included; an output with no element is left alone."""
+    c = _triton_common()
+    contributions = [[[(0, -0.0), (1, 2.5), (2, float("nan"))], [(1, -2.5)]]]
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = torch.zeros(4, dtype=torch.float64)
+        c.run_scatter(out, 1, 2, 4, torch.empty(0), _emitting_launch([], contributions))
+        empty = torch.zeros(0, dtype=torch.float64)
+        c.run_scatter(empty, 1, 2, 4, torch.empty(0), _emitting_launch([], [[[], []]]))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    atomic = torch.zeros(4, dtype=torch.float64)
+    for pair in contributions[0]:
+        for target, v in pair:
+            atomic[target] += v
+    assert torch.equal(out[:2], atomic[:2]) and torch.isnan(out[2]) and torch.equal(out[3:], atomic[3:])
+    assert str(out[0].item()) == "0.0"  # +0, as the atomic path gives
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("raw", ["0", "-5", "abc", "1.5"])
+def test_bad_chunk_setting_is_refused(raw, monkeypatch):
+    c = _triton_common()
+    monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", raw)
+    with pytest.raises(ValueError, match="TONNO_FAST_DETERMINISTIC_CHUNK must be a positive integer"):
+        c.deterministic_chunk()
+    monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", "123")
+    assert c.deterministic_chunk() == 123
+    monkeypatch.delenv("TONNO_FAST_DETERMINISTIC_CHUNK")
+    assert c.deterministic_chunk() == c.DEFAULT_DETERMINISTIC_CHUNK == 1 << 22

@@ -66,8 +66,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step build 300 "$PY" setup.py build_ext --inplace
 "$PY" -c "import tonno_fast._C as C; print('build_info:', C.build_info())" || FAILED+=("import")
 
-# 2. Tests on the GPU: every op test of the CUDA and Triton implementations (tests/ops, marked cuda/triton).
-step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops -m "cuda or triton"
+# 2. Tests on the GPU: every op test of the CUDA and Triton implementations (tests/ops, marked cuda/triton), and
+#    the deterministic adjoints (tests/test_determinism.py: atomic vs deterministic path, chunking).
+step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops tests/test_determinism.py -m "cuda or triton"
 grep -E "passed|failed|error|skipped" "$LOG/tests.log" | tail -n 1
 
 # 3. compute-sanitizer memcheck on a small case of every kernel.

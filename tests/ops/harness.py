@@ -58,7 +58,8 @@ class Impl:
 
     @property
     def atomic(self) -> bool:
-        """Whether the adjoint scatters use atomic adds (a GPU): not bitwise reproducible."""
+        """Whether the adjoint scatters use atomic adds (a GPU, outside ``torch.use_deterministic_algorithms``):
+        not bitwise reproducible."""
         return self.device.type == "cuda" and self.name != "cpu"
 
 
@@ -302,23 +303,77 @@ def assert_thread_count_invariant(fn: Callable[[], object]) -> None:
         assert torch.equal(a, c)
 
 
-def assert_deterministic(impl: Impl, forward: Callable, adjoint: Callable, adjoint_name: str,
-                         atomic: Optional[bool] = None) -> None:
+def _assert_same(a, b) -> None:
+    """Bitwise equal tensors, or tuples of them."""
+    for x, y in zip(*(r if isinstance(r, (tuple, list)) else (r,) for r in (a, b))):
+        assert torch.equal(x, y), f"max |diff| = {float((x.double() - y.double()).abs().max())}"
+
+
+def assert_deterministic(impl: Impl, forward: Callable, adjoint: Callable) -> None:
     """``forward()`` (a gather) is bitwise reproducible. The adjoint too on the CPU, for any thread count
-    (:func:`assert_thread_count_invariant`). On a GPU, under ``torch.use_deterministic_algorithms(True)``, an
-    adjoint that scatters with atomics (``atomic``, default ``impl.atomic``) refuses to run and names the op;
-    one that does not stays bitwise reproducible."""
+    (:func:`assert_thread_count_invariant`). Under ``torch.use_deterministic_algorithms(True)``, everywhere, both
+    run (the GPU adjoints take their deterministic path rather than refusing) and are bitwise reproducible."""
     assert torch.equal(forward(), forward())
     if impl.device.type == "cpu":
         assert_thread_count_invariant(adjoint)
-        return
-    with deterministic_algorithms():
+    with deterministic_algorithms(), triton_reductions():
         assert torch.equal(forward(), forward())
-        if impl.atomic if atomic is None else atomic:
-            with pytest.raises(RuntimeError, match=adjoint_name):
-                adjoint()
-        else:
-            assert torch.equal(adjoint(), adjoint())
+        _assert_same(adjoint(), adjoint())
+
+
+@contextlib.contextmanager
+def triton_reductions():
+    """Records the deterministic path of the Triton adjoints (``tonno_fast.ops.triton._common``): yields a dict
+    with ``chunks`` (how many chunks :func:`~tonno_fast.ops.triton._common.run_scatter` planned), ``caps`` (the
+    slots per chunk it planned them with) and ``sums`` (the calls of its reduction, ``reduce_contributions``).
+    Under the interpreter the programs run one after another, so the atomic path would be reproducible there
+    too: these counts are what shows the deterministic path ran."""
+    record = {"chunks": 0, "caps": set(), "sums": 0}
+    if unavailable("triton") is not None:
+        yield record
+        return
+    from tonno_fast.ops.triton import _common
+    chunks, reduce = _common.chunks, _common.reduce_contributions
+
+    def counted_chunks(n_outer, n_inner, per_pair, cap):
+        out = chunks(n_outer, n_inner, per_pair, cap)
+        record["chunks"] += len(out)
+        record["caps"].add(cap)
+        return out
+
+    def counted_reduce(*args):
+        record["sums"] += 1
+        return reduce(*args)
+
+    _common.chunks, _common.reduce_contributions = counted_chunks, counted_reduce
+    try:
+        yield record
+    finally:
+        _common.chunks, _common.reduce_contributions = chunks, reduce
+
+
+def deterministic_against_reference(impl: Impl, fn: Callable[[object, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                    chunk: Optional[int], monkeypatch, seed: int = 1) -> None:
+    """Under ``torch.use_deterministic_algorithms(True)``: the backward of ``fn`` (as in :func:`against_reference`)
+    on ``impl`` runs, equals the reference's and is bitwise the same on a second run. ``chunk``: contribution slots
+    per chunk of the GPU adjoints' deterministic path (``TONNO_FAST_DETERMINISTIC_CHUNK``; ``None``: the default,
+    one chunk at these sizes). For Triton it also checks that the deterministic path ran, with ``chunk`` slots
+    per chunk, and summed as many chunks as it planned."""
+    if chunk is not None:
+        if impl.name == "cpu":
+            pytest.skip("the CPU adjoints are deterministic partitions: no chunks")
+        monkeypatch.setenv("TONNO_FAST_DETERMINISTIC_CHUNK", str(chunk))
+    with deterministic_algorithms(), triton_reductions() as record:
+        against_reference(impl, fn, x, seed)
+        first = vjp(lambda t: fn(impl.module, t), x.to(impl.device), seed)[2]
+        second = vjp(lambda t: fn(impl.module, t), x.to(impl.device), seed)[2]
+    assert torch.equal(first, second)
+    if impl.name == "triton":  # three backward runs above: at least one chunk each, several with one slot each
+        from tonno_fast.ops.triton._common import DEFAULT_DETERMINISTIC_CHUNK
+        assert record["caps"] == {chunk or DEFAULT_DETERMINISTIC_CHUNK}, record
+        assert record["sums"] == record["chunks"] >= (6 if chunk in (1, 200) else 3), record
+    else:
+        assert record["sums"] == 0, record
 
 
 def fuzz_against_reference(impl: Impl, make_input: Callable, op: Callable) -> None:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import tonno_fast as tf
-from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_deterministic,
-                     assert_matches, assert_raises, assert_rejects, deterministic_algorithms, gradcheck, noncontig,
-                     opcheck, rand, random_theta)
+from harness import (REFERENCE, assert_adjoint, assert_close_rel, assert_compiles, assert_deterministic, assert_matches,
+                     assert_raises, assert_rejects, deterministic_against_reference, deterministic_algorithms,
+                     gradcheck, noncontig, opcheck, rand, random_theta)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.geometry import affine_theta_grad, affine_theta_maps
@@ -158,17 +158,29 @@ def test_compiles(kernels):
 
 def test_deterministic(kernels):
     """The forward and the theta gradient (a reduction in a fixed order) are bitwise reproducible everywhere;
-    the volume gradient too on the CPU, whatever the thread count, while the GPU's atomic scatter refuses
-    ``torch.use_deterministic_algorithms(True)``, naming the op."""
+    the volume gradient too on the CPU, whatever the thread count, and everywhere under
+    ``torch.use_deterministic_algorithms(True)`` (the GPU scatter's deterministic path), alone or with the theta
+    gradient, which it leaves unchanged."""
     vol = rand(2, 2, *SMALL, dtype=torch.float32, device=kernels.device)
     theta = kernels.to(random_theta(2).float())
     grad = rand(2, 2, 4, 3, 5, dtype=torch.float32, device=kernels.device)
     op, bwd = kernels.op("affine_grid_sample"), kernels.op("affine_grid_sample_backward")
     assert_deterministic(kernels, lambda: op(vol, theta, [2, 2, 4, 3, 5], False),
-                         lambda: bwd(grad, vol, theta, False, True, kernels.device.type == "cpu"),
-                         "affine_grid_sample_backward")
+                         lambda: bwd(grad, vol, theta, False, True, True))
+    theta_only = bwd(grad, vol, theta, False, False, True)[1]
     with deterministic_algorithms():
-        assert torch.equal(bwd(grad, vol, theta, False, False, True)[1], bwd(grad, vol, theta, False, False, True)[1])
+        assert torch.equal(bwd(grad, vol, theta, False, False, True)[1], theta_only)
+        assert torch.equal(bwd(grad, vol, theta, False, True, True)[1], theta_only)
+        assert torch.equal(bwd(grad, vol, theta, False, True, False)[0], bwd(grad, vol, theta, False, True, True)[0])
+
+
+@pytest.mark.parametrize("chunk", [None, 200, 1000])  # 1 slot a chunk: see test_slice_volume
+def test_deterministic_adjoint_matches_reference(kernels, chunk, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the volume gradient runs everywhere, equals the
+    reference's (float64) and repeats bit for bit, in one chunk or in many."""
+    theta = random_theta(2, seed=2)
+    fn = lambda be, v: be.affine_grid_sample(v, theta.to(v), [2, 2, 4, 3, 5], False)  # noqa: E731
+    deterministic_against_reference(kernels, fn, rand(2, 2, *SMALL, seed=9), chunk, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -171,24 +171,6 @@ def test_kernels_compile_for_sm90_and_trace_as_triton_ops():
 
 
 @needs_triton
-def test_triton_deterministic_mode_alert():
-    # The atomic-add adjoints refuse torch.use_deterministic_algorithms(True) for CUDA tensors; under the
-    # interpreter (sequential programs) and on other devices they are deterministic and pass silently.
-    from tonno_fast.ops.triton import _common
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        _common.alert_not_deterministic("x", torch.device("cpu"))
-        if not _common.INTERPRETED:
-            with pytest.raises(RuntimeError, match="not bitwise deterministic"):
-                _common.alert_not_deterministic("x", torch.device("cuda"))
-        else:
-            _common.alert_not_deterministic("x", torch.device("cuda"))
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
-
-
-@needs_triton
 def test_triton_small_blocks_and_many_tiles(monkeypatch):
     """With the interpreter's block caps lowered (16 pixels / 64 voxels, 2 batch×channel rows), every kernel
     runs several programs per slice / voxel range (program offsets, masked tails, radon's pixel loop) and the

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import tonno_fast as tf
-from harness import (DIRECTIONS, GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     assert_matches, assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck,
-                     opcheck, rand, vjp)
+from harness import (DIRECTIONS, GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles,
+                     assert_deterministic, assert_matches, assert_raises, assert_rejects,
+                     deterministic_against_reference, fuzz_against_reference, geometry, gradcheck, opcheck, rand, vjp)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from conftest import gaussian_blobs
 from tonno_fast import ops
@@ -162,14 +162,25 @@ def test_compiles(kernels):
 
 def test_deterministic(kernels):
     """Both directions are gathers on the CPU and CUDA (bitwise reproducible, also under
-    ``torch.use_deterministic_algorithms``); Triton's adjoint scatters with atomics and refuses that mode."""
+    ``torch.use_deterministic_algorithms``); Triton's adjoint scatters, with atomics by default and
+    deterministically in that mode."""
     g = geometry("tiny" if kernels.interpreted else "small", kernels)
     vm, w = kernels.to(g.volume_maps(dtype=torch.float32), g.weights.float())
     sino = rand(2, 2, g.n_directions, g.n_slices, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     assert_deterministic(kernels, lambda: kernels.op("backproject")(sino, vm, w, list(g.volume_shape)),
-                         lambda: kernels.op("backproject_backward")(grad, vm, w, g.n_slices), "backproject_backward",
-                         atomic=_atomic_adjoint(kernels))
+                         lambda: kernels.op("backproject_backward")(grad, vm, w, g.n_slices))
+
+
+@pytest.mark.parametrize("chunk", [None, 200, 1000])  # 1 slot a chunk: see test_slice_volume
+def test_deterministic_adjoint_matches_reference(kernels, chunk, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the adjoint runs everywhere, equals the reference's
+    (float64) and repeats bit for bit, in one chunk or in many (Triton's; CUDA's is a gather, never chunked)."""
+    g = geometry("tiny" if kernels.interpreted else "small", kernels)
+    if chunk is not None and kernels.name == "cuda":
+        pytest.skip("CUDA's backproject_backward is a gather: no chunks")
+    deterministic_against_reference(kernels, backproject(g), rand(1, 2, g.n_directions, g.n_slices, seed=7), chunk,
+                                    monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------

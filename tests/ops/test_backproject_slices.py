@@ -6,7 +6,8 @@ import torch
 
 import tonno_fast as tf
 from harness import (GEOMETRIES, REFERENCE, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     assert_raises, assert_rejects, fuzz_against_reference, geometry, gradcheck, opcheck, rand)
+                     assert_raises, assert_rejects, deterministic_against_reference, fuzz_against_reference, geometry,
+                     gradcheck, opcheck, rand)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 from tonno_fast.filters import apply_filter
@@ -103,15 +104,24 @@ def test_compiles(kernels):
 
 def test_deterministic(kernels):
     """The forward (a gather, each voxel written once) is bitwise reproducible; the CPU adjoint too, for any
-    thread count; the GPU adjoints scatter with atomics and refuse ``torch.use_deterministic_algorithms``."""
+    thread count; under ``torch.use_deterministic_algorithms(True)`` both, on every implementation (the GPU
+    adjoints' deterministic path)."""
     g = geometry("tiny" if kernels.interpreted else "small", kernels)
     vm, w = kernels.to(g.volume_maps(dtype=torch.float32), g.weights.float())
     stack_shape = [g.n_slices, g.height, g.width]
     stacks = rand(2, 2, g.n_directions, *stack_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     assert_deterministic(kernels, lambda: kernels.op("backproject_slices")(stacks, vm, w, list(g.volume_shape)),
-                         lambda: kernels.op("backproject_slices_backward")(grad, vm, w, stack_shape),
-                         "backproject_slices_backward")
+                         lambda: kernels.op("backproject_slices_backward")(grad, vm, w, stack_shape))
+
+
+@pytest.mark.parametrize("chunk", [None, 200, 1000])  # 1 slot a chunk: see test_slice_volume
+def test_deterministic_adjoint_matches_reference(kernels, chunk, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the adjoint runs everywhere, equals the reference's
+    (float64) and repeats bit for bit, in one chunk or in many."""
+    g = geometry("tiny" if kernels.interpreted else "small", kernels)
+    stacks = rand(1, 2, g.n_directions, g.n_slices, g.height, g.width, seed=8)
+    deterministic_against_reference(kernels, backproject_slices(g), stacks, chunk, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------

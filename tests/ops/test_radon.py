@@ -10,8 +10,8 @@ import torch
 import tonno_fast as tf
 from conftest import gaussian_blobs
 from harness import (GEOMETRIES, against_reference, assert_adjoint, assert_compiles, assert_deterministic,
-                     assert_matches, assert_rejects, fuzz_against_reference, geometry, gradcheck, noncontig, opcheck,
-                     rand)
+                     assert_matches, assert_rejects, deterministic_against_reference, fuzz_against_reference, geometry,
+                     gradcheck, noncontig, opcheck, rand)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 
 
@@ -119,14 +119,21 @@ def test_compiles(kernels):
 
 def test_deterministic(kernels):
     """Forward (a gather with a fixed reduction) bitwise reproducible everywhere; the adjoint on the CPU too,
-    also across thread counts, while the GPU's atomic scatter refuses ``torch.use_deterministic_algorithms``."""
+    also across thread counts, and everywhere under ``torch.use_deterministic_algorithms(True)``."""
     g = geometry("tiny" if kernels.interpreted else "small", kernels)
     maps = kernels.to(g.slice_maps(dtype=torch.float32))
     vol = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, 2, g.n_directions, g.n_slices, dtype=torch.float32, device=kernels.device)
     assert_deterministic(kernels, lambda: kernels.op("radon")(vol, maps, g.n_slices, g.height, g.width, 1.0),
-                         lambda: kernels.op("radon_backward")(grad, maps, g.height, g.width, 1.0, list(g.volume_shape)),
-                         "radon_backward")
+                         lambda: kernels.op("radon_backward")(grad, maps, g.height, g.width, 1.0, list(g.volume_shape)))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 200, 1000])
+def test_deterministic_adjoint_matches_reference(kernels, chunk, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the adjoint runs everywhere, equals the reference's
+    (float64) and repeats bit for bit, in one chunk or in many."""
+    g = geometry("tiny" if kernels.interpreted else "small", kernels)
+    deterministic_against_reference(kernels, radon(g), rand(1, 2, *g.volume_shape, seed=6), chunk, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------

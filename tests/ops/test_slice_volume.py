@@ -6,8 +6,9 @@ import torch
 
 import tonno_fast as tf
 from harness import (GEOMETRIES, REFERENCE, TOL, against_reference, assert_adjoint, assert_close_elementwise,
-                     assert_compiles, assert_deterministic, assert_raises, assert_rejects, fuzz_against_reference,
-                     geometry, gradcheck, noncontig, opcheck, rand, ulp)
+                     assert_compiles, assert_deterministic, assert_raises, assert_rejects,
+                     deterministic_against_reference, fuzz_against_reference, geometry, gradcheck, noncontig, opcheck,
+                     rand, ulp)
 from harness import backend, kernels  # noqa: F401  (pytest fixtures)
 from tonno_fast import ops
 
@@ -172,15 +173,25 @@ def test_compiles(kernels):
 
 
 def test_deterministic(kernels):
-    """The forward (a gather) bitwise reproducible; the CPU adjoint too, for any thread count; the GPU's atomic
-    adjoint refuses ``torch.use_deterministic_algorithms(True)``, naming the op."""
+    """The forward (a gather) bitwise reproducible; the CPU adjoint too, for any thread count; under
+    ``torch.use_deterministic_algorithms(True)`` both, on every implementation (the GPU adjoints' deterministic
+    path)."""
     g = geometry("tiny" if kernels.interpreted else "small", kernels)
     sm = kernels.to(g.slice_maps(dtype=torch.float32))
     vol = rand(2, 2, *g.volume_shape, dtype=torch.float32, device=kernels.device)
     grad = rand(2, g.n_directions, g.n_slices, 2, g.height, g.width, dtype=torch.float32, device=kernels.device)
     assert_deterministic(kernels, lambda: kernels.op("slice_volume")(vol, sm, g.n_slices, g.height, g.width, 0.0, None),
-                         lambda: kernels.op("slice_volume_backward")(grad, sm, list(g.volume_shape)),
-                         "slice_volume_backward")
+                         lambda: kernels.op("slice_volume_backward")(grad, sm, list(g.volume_shape)))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 200, 1000])
+def test_deterministic_adjoint_matches_reference(kernels, chunk, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the adjoint runs everywhere, equals the reference's
+    (float64) and repeats bit for bit, in one chunk or in many (``chunk`` slots each; 1: fewer than one
+    (slice, channel) pair needs, so one pair per chunk: the bound is max(chunk, 8·h·w) slots)."""
+    g = geometry("tiny" if kernels.interpreted else "small", kernels)
+    deterministic_against_reference(kernels, slice_volume(g, fill=0.3), rand(1, 2, *g.volume_shape, seed=5), chunk,
+                                    monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------

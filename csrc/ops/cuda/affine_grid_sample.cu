@@ -7,8 +7,9 @@
 // Forward (a gather): one thread per output point (consecutive threads = consecutive w: coalesced writes),
 // corners computed once and reused for every channel, volume read through the read-only cache.
 // Backward:
-//  * volume gradient: the scatter of grad onto the eight corners with atomicAdd (float/double, sm_60+); not
-//    bitwise deterministic, so under torch.use_deterministic_algorithms(True) asking for it raises;
+//  * volume gradient: the scatter of grad onto the eight corners, with atomicAdd (float/double, sm_60+) by
+//    default, not bitwise reproducible; under torch.use_deterministic_algorithms(True) the same kernel emits
+//    its contributions, summed in a fixed order (run_scatter in common.cuh);
 //  * map gradient (deterministic): each thread accumulates dL/dM[n] = sum_p,c grad * d trilinear/dx (p, 1)
 //    (maths::trilinear_with_grad) for its points, each block reduces its 12 sums with a fixed tree into
 //    its own slot, and the slots are summed by ATen in float64 (the result's dtype).
@@ -45,25 +46,29 @@ __global__ void affine_sample_kernel(const scalar_t* __restrict__ volume, const 
   }
 }
 
-// Volume gradient (atomics): grid as the forward kernel.
-template <typename scalar_t>
+// Volume gradient: grid as the forward kernel; contributions through `sink` (run_scatter). Work: outer items =
+// the batch items [n0, n1), inner items = the output points [p0, p1); slot of point p of item n, channel c,
+// corner r: (((n - n0) * (p1 - p0) + p - p0) * C + c) * 8 + r.
+template <typename scalar_t, typename Sink>
 __global__ void affine_volume_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ maps,
-                                          scalar_t* __restrict__ gvol, int64_t N, int64_t C, int64_t D, int64_t H,
-                                          int64_t W, int64_t Do, int64_t Ho, int64_t Wo) {
+                                          Sink sink, int64_t C, int64_t D, int64_t H, int64_t W, int64_t Do,
+                                          int64_t Ho, int64_t Wo, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
   const int64_t P = Do * Ho * Wo;
   const int64_t vol_size = D * H * W;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+  for (int64_t n = n0 + blockIdx.y; n < n1; n += gridDim.y) {
     scalar_t M[12];
     load_map(maps, n, M);
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t p = p0 + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < p1;
+         p += int64_t(gridDim.x) * blockDim.x) {
       scalar_t a, b, c3;
       grid_point(p, Ho, Wo, a, b, c3);
       int64_t off[8];
       scalar_t wt[8];
       if (!map_corners(M, a, b, c3, D, H, W, off, wt)) continue;
+      const int64_t point_slot = ((n - n0) * (p1 - p0) + p - p0) * C;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t g = ldg(grad + (n * C + c) * P + p);
-        if (g != scalar_t(0)) scatter_corners(gvol + (n * C + c) * vol_size, off, wt, g);
+        if (g != scalar_t(0)) scatter_corners(sink, (point_slot + c) * 8, (n * C + c) * vol_size, off, wt, g);
       }
     }
   }
@@ -146,14 +151,15 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_cuda(const at::Tensor&
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (volume_grad) {
     gvol = at::zeros_like(volume);
-    alert_atomic_scatter("tonno_fast::affine_sample_backward (the volume gradient of affine_grid_sample_backward: "
-                         "CUDA kernel scatters with atomicAdd)");
     AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "tonno_fast::affine_sample_backward (CUDA)", [&] {
-      const dim3 grid(blocks_for(P, kThreads), grid_yz(N));
-      affine_volume_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), gvol.mutable_data_ptr<scalar_t>(), N, C,
-          D, H, W, Do, Ho, Wo);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
+      const scalar_t* maps_ptr = maps.const_data_ptr<scalar_t>();
+      run_scatter<scalar_t>(gvol, N, P, 8 * C, [&](int64_t n0, int64_t n1, int64_t p0, int64_t p1, auto sink) {
+        const dim3 grid(blocks_for(p1 - p0, kThreads), grid_yz(n1 - n0));
+        affine_volume_grad_kernel<scalar_t, decltype(sink)><<<grid, kThreads, 0, stream>>>(
+            grad_ptr, maps_ptr, sink, C, D, H, W, Do, Ho, Wo, n0, n1, p0, p1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   if (maps_grad) {

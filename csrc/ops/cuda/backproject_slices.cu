@@ -10,9 +10,10 @@
 // planes. Maps and weights (a few hundred bytes) are read through the read-only cache, where every thread
 // of the block hits the same address; stack reads go through __ldg too. Output writes are coalesced.
 //
-// Adjoint: the scatter of weights[n] * grad[b, k, voxel] onto the voxel's eight corners in stack n, with
-// atomicAdd (float/double, sm_60+). Not bitwise deterministic: under
-// torch.use_deterministic_algorithms(True) it raises.
+// Adjoint: the scatter of weights[n] * grad[b, k, voxel] onto the voxel's eight corners in stack n: with
+// atomicAdd (float/double, sm_60+) by default, not bitwise reproducible; under
+// torch.use_deterministic_algorithms(True) the same kernel emits its contributions, summed in a fixed order
+// (run_scatter in common.cuh).
 #include "common.cuh"
 
 namespace tonno_fast {
@@ -56,28 +57,32 @@ __global__ void backproject_slices_kernel(const scalar_t* __restrict__ stacks, c
   }
 }
 
-// Adjoint: one thread per voxel, y over (b, k) planes (looped); scatter with atomics.
-template <typename scalar_t>
+// Adjoint: one thread per voxel, y over (b, k) planes (looped); contributions through `sink` (run_scatter).
+// Work: outer items = the directions [n0, n1), inner items = the voxels [v0, v1); slot of voxel v, direction
+// n, plane bk, corner r: (((n - n0) * (v1 - v0) + v - v0) * BK + bk) * 8 + r.
+template <typename scalar_t, typename Sink>
 __global__ void backproject_slices_backward_kernel(const scalar_t* __restrict__ grad,
                                                    const scalar_t* __restrict__ maps,
-                                                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ out,
-                                                   int64_t BK, int64_t N, int64_t S, int64_t h, int64_t w, int64_t D,
-                                                   int64_t H, int64_t W) {
+                                                   const scalar_t* __restrict__ weights, Sink sink, int64_t BK,
+                                                   int64_t N, int64_t S, int64_t h, int64_t w, int64_t D, int64_t H,
+                                                   int64_t W, int64_t n0, int64_t n1, int64_t v0, int64_t v1) {
   const int64_t V = D * H * W;
   const int64_t stack_size = S * h * w;
-  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < V; v += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t v = v0 + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < v1;
+       v += int64_t(gridDim.x) * blockDim.x) {
     scalar_t cd, ch, cw;
     grid_point(v, H, W, cd, ch, cw);
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
       scalar_t M[12];
       load_map(maps, n, M);
       int64_t off[8];
       scalar_t wt[8];
       if (!map_corners(M, cd, ch, cw, S, h, w, off, wt)) continue;
       const scalar_t wn = ldg(weights + n);
+      const int64_t voxel_slot = ((n - n0) * (v1 - v0) + v - v0) * BK;
       for (int64_t bk = blockIdx.y; bk < BK; bk += gridDim.y) {
         const scalar_t g = wn * ldg(grad + bk * V + v);
-        if (g != scalar_t(0)) scatter_corners(out + (bk * N + n) * stack_size, off, wt, g);
+        if (g != scalar_t(0)) scatter_corners(sink, (voxel_slot + bk) * 8, (bk * N + n) * stack_size, off, wt, g);
       }
     }
   }
@@ -120,13 +125,18 @@ at::Tensor backproject_slices_backward_cuda(const at::Tensor& grad_in, const at:
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor out = at::zeros({B, K, N, S, h, w}, grad.options());
-  alert_atomic_scatter("tonno_fast::backproject_slices_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::backproject_slices_backward (CUDA)", [&] {
-    const dim3 grid(blocks_for(D * H * W, kThreads), grid_yz(B * K));
-    backproject_slices_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), B * K, N, S, h, w, D, H, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
+    const scalar_t* maps_ptr = maps.const_data_ptr<scalar_t>();
+    const scalar_t* weights_ptr = weights.const_data_ptr<scalar_t>();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    run_scatter<scalar_t>(out, N, D * H * W, 8 * B * K,
+                          [&](int64_t n0, int64_t n1, int64_t v0, int64_t v1, auto sink) {
+      const dim3 grid(blocks_for(v1 - v0, kThreads), grid_yz(B * K));
+      backproject_slices_backward_kernel<scalar_t, decltype(sink)><<<grid, kThreads, 0, stream>>>(
+          grad_ptr, maps_ptr, weights_ptr, sink, B * K, N, S, h, w, D, H, W, n0, n1, v0, v1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -1,5 +1,6 @@
 // Helpers shared by the CUDA kernels of tonno_fast (csrc/ops/cuda/*.cu): launch sizes, read-only loads,
-// atomics and a deterministic block reduction (argument checks: tonno_fast/checks.h, shared with the CPU).
+// a deterministic block reduction and the two sinks of the adjoint (scatter) kernels, atomic or
+// deterministic (argument checks: tonno_fast/checks.h, shared with the CPU).
 //
 // Every kernel file includes this header and csrc/include/tonno_fast/maths.h (the per-point maths shared
 // with the CPU kernels). Conventions used throughout:
@@ -14,6 +15,7 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -25,6 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
 
 #include "tonno_fast/checks.h"
 #include "tonno_fast/registration.h"
@@ -49,13 +54,6 @@ inline unsigned int grid_yz(int64_t n) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(n, 65535)));
 }
 
-// Adjoint kernels that scatter with atomicAdd are not bitwise reproducible (the order of the additions
-// into one address varies from run to run). Under torch.use_deterministic_algorithms(True) this raises a
-// RuntimeError naming the op (and only warns in warn_only mode).
-inline void alert_atomic_scatter(const char* op) {
-  at::globalContext().alertNotDeterministic(op);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Device helpers.
 // ---------------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ __device__ __forceinline__ T ldg(const T* p) {
 }
 
 // atomicAdd on float and double: hardware instructions from sm_60 on (we build for sm_80 and sm_90).
-// Used only by adjoint (scatter) kernels, which call alert_atomic_scatter() on the host.
+// Used only by AtomicSink (below).
 template <typename T>
 __device__ __forceinline__ void atomic_add(T* address, T value) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
@@ -116,13 +114,54 @@ __device__ __forceinline__ Acc gather_corners(const T* __restrict__ a, const int
   return s;
 }
 
-// Adjoint of gather_corners: a[off[c]] += w[c] * g with atomics (skips zero weights: those corners are
-// outside the array and must not be written).
+// ---------------------------------------------------------------------------------------------------
+// Sinks of the adjoint (scatter) kernels.
+//
+// An adjoint kernel adds contributions `value` to elements `index` (flat, row-major) of its output. Every
+// adjoint kernel is written once, templated on where the contributions go:
+//  * AtomicSink (the default): out[index] += value with atomicAdd. The fastest, but the order of the
+//    additions into one element varies from run to run, hence the last bits of a float result;
+//  * EmitSink (under torch.use_deterministic_algorithms(True), see run_scatter): the contribution is written
+//    to its own slot of two buffers, (index, value). The kernel numbers the slots from its loop indices, so
+//    what lands in which slot does not depend on thread scheduling; reduce_emitted then sums the buffers
+//    in a fixed order.
+// Both sinks receive the same products w * g: the two paths compute the same adjoint, summed in a
+// different order.
+//
+// Why this design (a deterministic segmented reduction) rather than a gather formulation of each adjoint
+// (every output element summing its own contributions): the gather needs, for every voxel, the samples whose
+// trilinear stencil touches it, i.e. the preimage of the voxel's neighbourhood under the map. That exists
+// only for invertible maps (affine_grid_sample accepts any theta, singular ones included), its size depends
+// on the sampling density, and it would be a second kernel per op whose maths must be kept equal to the
+// scatter's. The emit path reuses the scatter kernel unchanged and works for any map.
+
 template <typename T>
-__device__ __forceinline__ void scatter_corners(T* a, const int64_t (&off)[8], const T (&w)[8], T g) {
+struct AtomicSink {
+  T* out;
+  __device__ __forceinline__ void add(int64_t /*slot*/, int64_t index, T value) const {
+    atomic_add(out + index, value);
+  }
+};
+
+template <typename T>
+struct EmitSink {
+  int64_t* index;  // the chunk's slots: prefilled by run_scatter, see there
+  T* value;
+  __device__ __forceinline__ void add(int64_t slot, int64_t target, T v) const {
+    index[slot] = target;
+    value[slot] = v;
+  }
+};
+
+// Adjoint of gather_corners: the contribution w[c] * g to element base + off[c] for each valid corner c
+// (slots slot .. slot + 7). Zero weights are skipped: those corners are outside the array and must not be
+// written.
+template <typename Sink, typename T>
+__device__ __forceinline__ void scatter_corners(const Sink& sink, int64_t slot, int64_t base, const int64_t (&off)[8],
+                                                const T (&w)[8], T g) {
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
-    if (w[c] != T(0)) atomic_add(a + off[c], w[c] * g);
+    if (w[c] != T(0)) sink.add(slot + c, base + off[c], w[c] * g);
   }
 }
 
@@ -159,25 +198,107 @@ __device__ __forceinline__ bool map_corners(const scalar_t (&M)[12], scalar_t a,
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Running an adjoint (host): the atomic path, or the deterministic one.
+
+// Contribution slots per chunk of the deterministic path: the environment variable
+// TONNO_FAST_DETERMINISTIC_CHUNK when set (read at each call; tonno_fast/ops/triton/_common.py reads the same
+// one for the Triton kernels), else 2^22.
+constexpr int64_t kDefaultDeterministicChunk = int64_t(1) << 22;
+
+inline int64_t deterministic_chunk() {
+  const char* env = std::getenv("TONNO_FAST_DETERMINISTIC_CHUNK");
+  if (env == nullptr || *env == '\0') return kDefaultDeterministicChunk;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v > 0,
+              "tonno_fast: TONNO_FAST_DETERMINISTIC_CHUNK must be a positive integer (contribution slots per "
+              "chunk of the deterministic adjoints), got '", std::string(env), "'");
+  return static_cast<int64_t>(v);
+}
+
+// out.view(-1)[index[s]] += value[s] for every slot s, in a fixed order. index_put_(accumulate=True) on CUDA
+// sorts the slots by target with a stable radix sort and sums each target's run in a fixed pattern: bitwise
+// reproducible. It is what torch.index_add does under torch.use_deterministic_algorithms(True), where torch's
+// documentation lists index_add on CUDA among the ops that then "act deterministically".
+inline void reduce_emitted(at::Tensor& out, const at::Tensor& index, const at::Tensor& value) {
+  c10::List<std::optional<at::Tensor>> indices;
+  indices.push_back(index);
+  out.view({-1}).index_put_(indices, value, /*accumulate=*/true);
+}
+
+// Runs an adjoint kernel into `out` (zeroed, contiguous). `launch(o0, o1, i0, i1, sink)` launches it over the
+// outer items [o0, o1) and inner items [i0, i1) of its work; each (outer, inner) pair adds at most `per_pair`
+// contributions, which with EmitSink go to slots ((o - o0) * (i1 - i0) + (i - i0)) * per_pair + r, r < per_pair.
+//
+// By default: one launch over everything with AtomicSink. Under torch.use_deterministic_algorithms(True)
+// (warn_only too: there is nothing to warn about): chunks of at most max(cap, per_pair) slots, cap =
+// deterministic_chunk() -- ranges of whole outer items when one fits, else ranges of the inner items of one
+// outer item --, each launched with EmitSink and summed by reduce_emitted, one after the other.
+// Memory: the chunk's buffers, (8 + sizeof(scalar_t)) bytes per slot (64 MiB at 2^22 slots in float64), plus
+// index_put_'s sort of them (a few int64 per slot), whatever the problem size.
+//
+// Slots no contribution writes (invalid corners, zero gradients, threads past the end) keep their prefill:
+// value +0 at index s mod out.numel(). Adding +0 changes no element (x + 0 == x for every x but -0, and a sum
+// that starts from +0, as out does, is never -0), and spreading those slots over the output keeps the sort
+// from piling them onto one element.
+template <typename scalar_t, typename Launch>
+void run_scatter(at::Tensor& out, int64_t n_outer, int64_t n_inner, int64_t per_pair, const Launch& launch) {
+  if (!at::globalContext().deterministicAlgorithms()) {
+    launch(int64_t(0), n_outer, int64_t(0), n_inner, AtomicSink<scalar_t>{out.mutable_data_ptr<scalar_t>()});
+    return;
+  }
+  const int64_t numel = out.numel();
+  if (numel == 0 || n_outer == 0 || n_inner == 0 || per_pair == 0) return;
+  const int64_t pairs = std::max<int64_t>(1, deterministic_chunk() / per_pair);  // (outer, inner) pairs a chunk
+  at::Tensor index_buf, value_buf;  // sized for the first chunk, the largest
+  auto run = [&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
+    const int64_t slots = (o1 - o0) * (i1 - i0) * per_pair;
+    if (!index_buf.defined()) {
+      index_buf = at::empty({slots}, out.options().dtype(at::kLong));
+      value_buf = at::empty({slots}, out.options());
+    }
+    at::Tensor index = index_buf.narrow(0, 0, slots);
+    at::Tensor value = value_buf.narrow(0, 0, slots);
+    at::arange_out(index, slots);
+    if (slots > numel) index.remainder_(numel);
+    value.zero_();
+    launch(o0, o1, i0, i1,
+           EmitSink<scalar_t>{index.mutable_data_ptr<int64_t>(), value.mutable_data_ptr<scalar_t>()});
+    reduce_emitted(out, index, value);
+  };
+  if (n_inner <= pairs) {
+    const int64_t step = pairs / n_inner;
+    for (int64_t o0 = 0; o0 < n_outer; o0 += step) run(o0, std::min(n_outer, o0 + step), 0, n_inner);
+  } else {
+    for (int64_t o = 0; o < n_outer; ++o) {
+      for (int64_t i0 = 0; i0 < n_inner; i0 += pairs) run(o, o + 1, i0, std::min(n_inner, i0 + pairs));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Adjoint of sampling slices from a volume (slice_volume_backward, radon_backward): for every pixel (i, j)
 // of every slice k of every stack n, the point maps[n] @ (k, i, j, 1) scatters
 //   grad_value(b, c, n, k, p)        (p = i * w + j)
-// onto its eight corners in out[b, c] (B, C, D, H, W), with atomicAdd (not bitwise deterministic: the host
-// calls alert_atomic_scatter). The ops differ only in where the value of a pixel comes from, so GradFn is
-// a small device functor with `scalar_t operator()(int64_t b, int64_t c, int64_t n, int64_t k, int32_t p)`.
+// onto its eight corners in out[b, c] (B, C, D, H, W), through `sink` (see run_scatter). The ops differ only
+// in where the value of a pixel comes from, so GradFn is a small device functor with
+// `scalar_t operator()(int64_t b, int64_t c, int64_t n, int64_t k, int32_t p)`.
 //
+// Work: outer items = the slices [slice0, slice1) of the N * S (flat n * S + k), inner items = the (b, c)
+// planes [bc0, bc1) of the B * C; slot of pixel p, plane bc, corner r:
+// (((slice - slice0) * h * w + p) * (bc1 - bc0) + bc - bc0) * 8 + r.
 // Grid: x over the pixels of one slice (one thread per pixel, 32-bit: h * w < 2^31 is checked by the
-// caller), y (looped) over the N * S slices. Corners are computed once per pixel and reused for every (b, c).
-template <typename scalar_t, typename GradFn>
-__global__ void scatter_slices_kernel(GradFn grad_value, const scalar_t* __restrict__ maps,
-                                      scalar_t* __restrict__ out, int64_t B, int64_t C, int64_t D, int64_t H,
-                                      int64_t W, int64_t N, int64_t S, int32_t h, int32_t w) {
+// caller), y (looped) over the slices. Corners are computed once per pixel and reused for every (b, c).
+template <typename scalar_t, typename GradFn, typename Sink>
+__global__ void scatter_slices_kernel(GradFn grad_value, const scalar_t* __restrict__ maps, Sink sink, int64_t C,
+                                      int64_t D, int64_t H, int64_t W, int64_t S, int32_t h, int32_t w,
+                                      int64_t slice0, int64_t slice1, int64_t bc0, int64_t bc1) {
   const int32_t p = static_cast<int32_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= h * w) return;
   const int32_t i = p / w;
   const int32_t j = p - i * w;
   const int64_t vol_size = D * H * W;
-  for (int64_t slice = blockIdx.y; slice < N * S; slice += gridDim.y) {
+  for (int64_t slice = slice0 + blockIdx.y; slice < slice1; slice += gridDim.y) {
     const int64_t n = slice / S;
     const int64_t k = slice - n * S;
     scalar_t M[12];
@@ -185,27 +306,33 @@ __global__ void scatter_slices_kernel(GradFn grad_value, const scalar_t* __restr
     int64_t off[8];
     scalar_t wt[8];
     if (!map_corners(M, scalar_t(k), scalar_t(i), scalar_t(j), D, H, W, off, wt)) continue;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t g = grad_value(b, c, n, k, p);
-        if (g != scalar_t(0)) scatter_corners(out + (b * C + c) * vol_size, off, wt, g);
-      }
+    const int64_t pixel_slot = ((slice - slice0) * h * w + p) * (bc1 - bc0);
+    for (int64_t bc = bc0; bc < bc1; ++bc) {
+      const int64_t b = bc / C;
+      const scalar_t g = grad_value(b, bc - b * C, n, k, p);
+      if (g != scalar_t(0)) scatter_corners(sink, (pixel_slot + bc - bc0) * 8, bc * vol_size, off, wt, g);
     }
   }
 }
 
-// Launch scatter_slices_kernel on the current stream for `out` (B, C, D, H, W) (zeroed, contiguous),
-// `maps` (N, 3, 4) (contiguous) and slices of S x h x w pixels.
+// Adjoint of sampling slices into `out` (B, C, D, H, W) (zeroed, contiguous) for `maps` (N, 3, 4) (contiguous)
+// and slices of S x h x w pixels: scatter_slices_kernel on the current stream, through run_scatter.
 template <typename scalar_t, typename GradFn>
 void launch_scatter_slices(const GradFn& grad_value, const at::Tensor& maps, at::Tensor& out, int64_t S,
                            int64_t h, int64_t w) {
   constexpr int kScatterThreads = 256;
   const int64_t N = maps.size(0);
-  const dim3 grid(blocks_for(h * w, kScatterThreads), grid_yz(N * S));
-  scatter_slices_kernel<scalar_t, GradFn><<<grid, kScatterThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      grad_value, maps.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1),
-      out.size(2), out.size(3), out.size(4), N, S, static_cast<int32_t>(h), static_cast<int32_t>(w));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t C = out.size(1), D = out.size(2), H = out.size(3), W = out.size(4);
+  const scalar_t* maps_ptr = maps.const_data_ptr<scalar_t>();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  run_scatter<scalar_t>(out, N * S, out.size(0) * C, 8 * h * w,
+                        [&](int64_t slice0, int64_t slice1, int64_t bc0, int64_t bc1, auto sink) {
+    const dim3 grid(blocks_for(h * w, kScatterThreads), grid_yz(slice1 - slice0));
+    scatter_slices_kernel<scalar_t, GradFn, decltype(sink)><<<grid, kScatterThreads, 0, stream>>>(
+        grad_value, maps_ptr, sink, C, D, H, W, S, static_cast<int32_t>(h), static_cast<int32_t>(w), slice0, slice1,
+        bc0, bc1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cuda

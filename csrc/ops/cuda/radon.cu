@@ -8,9 +8,9 @@
 // the result is bitwise reproducible for a given launch configuration. The volume is read through the
 // read-only path (__ldg).
 //
-// Adjoint: out[b, c] += scale * grad[b, c, n, k] * (corner weights) for every pixel, scattered with
-// atomicAdd (float/double, sm_60+). Not bitwise deterministic: under
-// torch.use_deterministic_algorithms(True) it raises.
+// Adjoint: out[b, c] += scale * grad[b, c, n, k] * (corner weights) for every pixel (scatter_slices_kernel of
+// common.cuh): with atomicAdd by default, not bitwise reproducible; under
+// torch.use_deterministic_algorithms(True), emitted contributions summed in a fixed order (run_scatter).
 #include "common.cuh"
 
 namespace tonno_fast {
@@ -60,7 +60,7 @@ __global__ void radon_kernel(const scalar_t* __restrict__ volume, const scalar_t
 }
 
 // Adjoint (scatter_slices_kernel of common.cuh): every pixel of slice (n, k) scatters
-// scale * grad[b, c, n, k] into volume (b, c). atomicAdd: see the file comment.
+// scale * grad[b, c, n, k] into volume (b, c).
 template <typename scalar_t>
 struct RadonGrad {
   const scalar_t* grad;  // (B, C, N, S), contiguous
@@ -104,7 +104,6 @@ at::Tensor radon_backward_cuda(const at::Tensor& grad_in, const at::Tensor& maps
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   at::Tensor out = at::zeros({B, C, D, H, W}, grad.options());
-  alert_atomic_scatter("tonno_fast::radon_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::radon_backward (CUDA)", [&] {
     launch_scatter_slices<scalar_t>(
         RadonGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), C, N, S, static_cast<scalar_t>(scale)}, maps, out, S,

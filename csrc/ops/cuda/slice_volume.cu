@@ -11,8 +11,10 @@
 // volume is read through the read-only path (__ldg): neighbouring pixels of a slice map to neighbouring
 // voxels, so the eight corner loads of a warp hit the same few cache lines.
 //
-// Adjoint: a scatter of each pixel's gradient onto its eight corners with atomicAdd (float/double,
-// sm_60+). Not bitwise deterministic: under torch.use_deterministic_algorithms(True) it raises.
+// Adjoint: a scatter of each pixel's gradient onto its eight corners (scatter_slices_kernel of common.cuh):
+// with atomicAdd (float/double, sm_60+) by default, which is not bitwise reproducible; under
+// torch.use_deterministic_algorithms(True), the same kernel emits its contributions and they are summed in
+// a fixed order (run_scatter in common.cuh): bitwise reproducible.
 #include "common.cuh"
 
 namespace tonno_fast {
@@ -74,7 +76,7 @@ __global__ void slice_volume_kernel(const scalar_t* __restrict__ volume, const s
 }
 
 // Adjoint (scatter_slices_kernel of common.cuh): the value scattered by pixel p of slice (n, k) into
-// volume (b, c) is grad[b, n, k, c, p]. atomicAdd: see the file comment.
+// volume (b, c) is grad[b, n, k, c, p].
 template <typename scalar_t>
 struct SliceVolumeGrad {
   const scalar_t* grad;  // (B, N, S, C, h, w), contiguous
@@ -146,7 +148,6 @@ at::Tensor slice_volume_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor maps = maps_in.contiguous();
   at::Tensor out = at::zeros({B, C, D, H, W}, grad.options());
-  alert_atomic_scatter("tonno_fast::slice_volume_backward (CUDA kernel scatters with atomicAdd)");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tonno_fast::slice_volume_backward (CUDA)", [&] {
     launch_scatter_slices<scalar_t>(SliceVolumeGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), C, N, S, h * w}, maps,
                                     out, S, h, w);

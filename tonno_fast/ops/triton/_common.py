@@ -11,22 +11,31 @@ used by every op module), with the same conventions as the reference backend:
 * the validity test ``(x > -1) & (x < n)`` is False for NaN, and a NaN coordinate is replaced by 0 before
   ``floor`` and the integer cast, so NaN maps read nothing instead of producing garbage indices.
 
-Loads and atomic adds of a corner are masked by ``weight != 0``: an invalid corner is never touched (so a
+Loads and scattered adds of a corner are masked by ``weight != 0``: an invalid corner is never touched (so a
 NaN/inf stored at index 0 cannot leak in through a zero weight), and a valid corner with weight exactly 0
 contributes nothing anyway.
+
+The adjoint kernels (scatters) add their contributions through :func:`sink_add`: with ``tl.atomic_add`` by
+default, or, under ``torch.use_deterministic_algorithms(True)``, by writing each contribution to its own slot of
+two buffers that :func:`run_scatter` then sums in a fixed order (the ``EMIT`` constexpr of every adjoint
+kernel: one kernel, two sinks). See :func:`run_scatter` for why and for the memory it takes.
 
 The ops themselves (schemas, checks, fake kernels, autograd) are defined from the launchers by
 :func:`tonno_fast.ops.contract.define_triton`.
 """
 from __future__ import annotations
 
-import warnings
+import os
+from typing import Callable, List, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = ["INTERPRETED", "launch", "pow2_block", "one_per_thread", "interpreter_block", "interpreter_block_bk",
-           "scalars", "alert_not_deterministic", "voxel_coords", "voxel_tile", "row_offsets", "tile_offsets",
+           "scalars", "DEFAULT_DETERMINISTIC_CHUNK", "deterministic_chunk", "chunks",
+           "reduce_contributions", "run_scatter", "sink_add", "voxel_coords", "voxel_tile", "row_offsets",
+           "tile_offsets",
            "linear_taps", "linear_taps_dx", "apply_row", "bilinear_gather", "bilinear_scatter",
            "trilinear_gather", "trilinear_scatter", "trilinear_gather_with_grad", "slice_taps"]
 
@@ -93,20 +102,89 @@ def interpreter_block_bk(bk: int) -> int:
     return pow2_block(bk, 1, INTERPRETER_MAX_BLOCK_BK)
 
 
-def alert_not_deterministic(caller: str, device: torch.device) -> None:
-    """Honour ``torch.use_deterministic_algorithms``: the adjoint kernels accumulate with ``tl.atomic_add``,
-    whose order (hence the last bits of float results) varies between runs on a GPU. Under the interpreter the
-    programs run one after another, so the result is deterministic there. The CPU backend is the
-    deterministic path."""
-    if INTERPRETED or torch.device(device).type != "cuda" or not torch.are_deterministic_algorithms_enabled():
-        return
-    msg = (f"{caller} (Triton backend) accumulates with atomic adds and is not bitwise deterministic on a GPU, "
-           f"but torch.use_deterministic_algorithms(True) is set; run on CPU tensors with backend='cpu' for a "
-           f"deterministic adjoint, or pass warn_only=True")
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(msg, stacklevel=3)
-    else:
-        raise RuntimeError(msg)
+#: Contribution slots per chunk of the deterministic adjoints (:func:`run_scatter`) unless the environment
+#: variable ``TONNO_FAST_DETERMINISTIC_CHUNK`` says otherwise; the CUDA kernels read the same variable
+#: (``csrc/ops/cuda/common.cuh``).
+DEFAULT_DETERMINISTIC_CHUNK = 1 << 22
+DETERMINISTIC_CHUNK_ENV = "TONNO_FAST_DETERMINISTIC_CHUNK"
+
+
+def deterministic_chunk() -> int:
+    """Contribution slots per chunk of the deterministic adjoints: ``TONNO_FAST_DETERMINISTIC_CHUNK`` (read at each
+    call) or :data:`DEFAULT_DETERMINISTIC_CHUNK`."""
+    raw = os.environ.get(DETERMINISTIC_CHUNK_ENV, "")
+    if raw == "":
+        return DEFAULT_DETERMINISTIC_CHUNK
+    value = int(raw) if raw.strip().isdigit() else 0
+    if value <= 0:
+        raise ValueError(f"{DETERMINISTIC_CHUNK_ENV} must be a positive integer (contribution slots per chunk of "
+                         f"the deterministic adjoints), got {raw!r}")
+    return value
+
+
+def chunks(n_outer: int, n_inner: int, per_pair: int, cap: int) -> List[Tuple[int, int, int, int]]:
+    """The chunks ``(o0, o1, i0, i1)`` of :func:`run_scatter`, in order: ranges of whole outer items when one
+    outer item (``n_inner * per_pair`` slots) fits in ``cap``, else ranges of the inner items of one outer item.
+    Together they cover ``[0, n_outer) × [0, n_inner)`` once; each holds at most ``max(cap, per_pair)`` slots."""
+    pairs = max(1, cap // per_pair)
+    if n_inner <= pairs:
+        step = pairs // n_inner
+        return [(o0, min(n_outer, o0 + step), 0, n_inner) for o0 in range(0, n_outer, step)]
+    return [(o, o + 1, i0, min(n_inner, i0 + pairs)) for o in range(n_outer) for i0 in range(0, n_inner, pairs)]
+
+
+def reduce_contributions(out: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``out.view(-1)[index[s]] += value[s]`` for every slot ``s``, in a fixed order: ``index_put_`` with
+    ``accumulate=True``, which on CUDA sorts the slots by target with a stable radix sort and sums each target's
+    run in a fixed pattern (what ``torch.index_add`` does under ``torch.use_deterministic_algorithms(True)``, where
+    torch's documentation lists it among the ops that then act deterministically), and on a CPU tensor adds
+    serially in deterministic mode (also listed there)."""
+    out.view(-1).index_put_((index,), value, accumulate=True)
+
+
+def run_scatter(out: torch.Tensor, n_outer: int, n_inner: int, per_pair: int, dummy: torch.Tensor,
+                launch: Callable) -> torch.Tensor:
+    """Run an adjoint kernel into ``out`` (zeroed, contiguous) and return it.
+
+    ``launch(o0, o1, i0, i1, index, value, emit)`` launches the kernel over the outer items ``[o0, o1)`` and inner
+    items ``[i0, i1)`` of its work; each (outer, inner) pair adds at most ``per_pair`` contributions, which with
+    ``emit`` (the kernel's ``EMIT`` constexpr) go to slots ``((o - o0)·(i1 - i0) + i - i0)·per_pair + r`` of the
+    buffers ``index`` (int64 flat target in ``out``) and ``value``.
+
+    By default: one launch over everything with atomic adds (``index`` and ``value`` are ``dummy``, a tensor the
+    kernel then never touches). Under ``torch.use_deterministic_algorithms(True)`` (``warn_only`` too: nothing
+    to warn about any more): chunks of at most ``max(cap, per_pair)`` slots (:func:`chunks`, ``cap`` =
+    :func:`deterministic_chunk`), each launched with ``emit`` and summed by :func:`reduce_contributions`, one
+    after the other: bitwise reproducible, and the same products as the atomic path, summed in another order.
+    Memory: one chunk's buffers, ``8 + itemsize`` bytes per slot (64 MiB at the default 2²² slots in float64),
+    plus ``index_put_``'s sort of them (a few int64 per slot), whatever the problem size.
+
+    Slots no contribution writes (invalid corners, masked lanes) keep their prefill: value +0 at index
+    ``s mod out.numel()``. Adding +0 changes no element (``x + 0 == x`` but for ``x = -0``, and a sum starting
+    from +0, as ``out`` does, is never -0); spreading those slots over ``out`` keeps the sort from piling them
+    onto one element.
+
+    Why this design rather than a gather formulation (every output element summing its own contributions):
+    the gather needs, for every voxel, the samples whose stencil touches it, i.e. the preimage of its
+    neighbourhood under the map, which exists only for invertible maps (``affine_grid_sample`` takes any
+    ``theta``) and grows with the sampling density; and it would be a second kernel per op to keep equal to
+    the scatter. Emitting reuses the scatter kernel and works for any map. The atomic path stays the default:
+    the emit path writes every contribution to memory and sorts it (its speed is not measured yet)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        launch(0, n_outer, 0, n_inner, dummy, dummy, False)
+        return out
+    numel = out.numel()
+    if numel == 0 or n_outer == 0 or n_inner == 0 or per_pair == 0:
+        return out
+    for o0, o1, i0, i1 in chunks(n_outer, n_inner, per_pair, deterministic_chunk()):
+        slots = (o1 - o0) * (i1 - i0) * per_pair
+        index = torch.arange(slots, device=out.device)
+        if slots > numel:
+            index = index % numel
+        value = out.new_zeros(slots)
+        launch(o0, o1, i0, i1, index, value, True)
+        reduce_contributions(out, index, value)
+    return out
 
 
 def scalars(values, like: torch.Tensor) -> torch.Tensor:
@@ -125,12 +203,12 @@ def voxel_coords(vox, H, W, ct):
 
 
 @triton.jit
-def voxel_tile(pid, pbk, BK, D, H, W, ct, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Tile ``(pid, pbk)``: ``V = D·H·W`` (int64), the flat voxels ``vox`` ``(BLOCK_V,)`` and their float
-    coordinates ``fd, fh, fw``, the batch×channel rows ``bk`` ``(BLOCK_BK,)`` and the in-bounds mask
-    ``(BLOCK_BK, BLOCK_V)`` of the tile."""
+def voxel_tile(pid, pbk, first, BK, D, H, W, ct, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Tile ``(pid, pbk)``: ``V = D·H·W`` (int64), the flat voxels ``vox`` ``(BLOCK_V,)`` (from voxel ``first``)
+    and their float coordinates ``fd, fh, fw``, the batch×channel rows ``bk`` ``(BLOCK_BK,)`` and the in-bounds
+    mask ``(BLOCK_BK, BLOCK_V)`` of the tile."""
     V = tl.cast(D, tl.int64) * H * W
-    vox = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vox = first + pid * BLOCK_V + tl.arange(0, BLOCK_V)
     fd, fh, fw = voxel_coords(vox, H, W, ct)
     bk = pbk * BLOCK_BK + tl.arange(0, BLOCK_BK)
     return V, vox, fd, fh, fw, bk, (bk < BK)[:, None] & (vox < V)[None, :]
@@ -204,17 +282,30 @@ def bilinear_gather(ptr, base, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, mask)
 
 
 @triton.jit
-def bilinear_scatter(ptr, base, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, val, mask):
-    """Adjoint of :func:`bilinear_gather`: ``a[corner] += wi wj val`` with atomic adds (order of the adds,
-    hence the last bits of float results, is not deterministic on a GPU)."""
+def sink_add(out_ptr, offset, value, mask, idx_ptr, val_ptr, slot, EMIT: tl.constexpr):
+    """``out[offset] += value`` where ``mask``: with ``tl.atomic_add`` (the order of the adds, hence the last bits
+    of float results, varies between runs on a GPU), or with ``EMIT`` by writing ``(offset, value)`` to slot
+    ``slot`` of the buffers ``idx_ptr``/``val_ptr``, which :func:`run_scatter` sums in a fixed order."""
+    if EMIT:
+        tl.store(idx_ptr + slot, offset, mask=mask)
+        tl.store(val_ptr + slot, value, mask=mask)
+    else:
+        tl.atomic_add(out_ptr + offset, value, mask=mask)
+
+
+@triton.jit
+def bilinear_scatter(ptr, base, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, val, mask,
+                     idx_ptr, val_ptr, slot, EMIT: tl.constexpr):
+    """Adjoint of :func:`bilinear_gather`: ``a[corner] += wi wj val`` through :func:`sink_add` (slots
+    ``slot .. slot + 3`` with ``EMIT``)."""
     w00 = wi0 * wj0
     w01 = wi0 * wj1
     w10 = wi1 * wj0
     w11 = wi1 * wj1
-    tl.atomic_add(ptr + base + i0 * s1 + j0 * s2, w00 * val, mask=mask & (w00 != 0))
-    tl.atomic_add(ptr + base + i0 * s1 + j1 * s2, w01 * val, mask=mask & (w01 != 0))
-    tl.atomic_add(ptr + base + i1 * s1 + j0 * s2, w10 * val, mask=mask & (w10 != 0))
-    tl.atomic_add(ptr + base + i1 * s1 + j1 * s2, w11 * val, mask=mask & (w11 != 0))
+    sink_add(ptr, base + i0 * s1 + j0 * s2, w00 * val, mask & (w00 != 0), idx_ptr, val_ptr, slot, EMIT)
+    sink_add(ptr, base + i0 * s1 + j1 * s2, w01 * val, mask & (w01 != 0), idx_ptr, val_ptr, slot + 1, EMIT)
+    sink_add(ptr, base + i1 * s1 + j0 * s2, w10 * val, mask & (w10 != 0), idx_ptr, val_ptr, slot + 2, EMIT)
+    sink_add(ptr, base + i1 * s1 + j1 * s2, w11 * val, mask & (w11 != 0), idx_ptr, val_ptr, slot + 3, EMIT)
 
 
 @triton.jit
@@ -226,12 +317,13 @@ def trilinear_gather(ptr, base, t0, t1, tw0, tw1, i0, i1, wi0, wi1, j0, j1, wj0,
 
 
 @triton.jit
-def trilinear_scatter(ptr, base, t0, t1, tw0, tw1, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s0, s1, s2, val, mask):
-    """Adjoint of :func:`trilinear_gather` (atomic adds)."""
+def trilinear_scatter(ptr, base, t0, t1, tw0, tw1, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s0, s1, s2, val, mask,
+                      idx_ptr, val_ptr, slot, EMIT: tl.constexpr):
+    """Adjoint of :func:`trilinear_gather` through :func:`sink_add` (slots ``slot .. slot + 7`` with ``EMIT``)."""
     bilinear_scatter(ptr, base + t0 * s0, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, tw0 * val,
-                     mask & (tw0 != 0))
+                     mask & (tw0 != 0), idx_ptr, val_ptr, slot, EMIT)
     bilinear_scatter(ptr, base + t1 * s0, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, tw1 * val,
-                     mask & (tw1 != 0))
+                     mask & (tw1 != 0), idx_ptr, val_ptr, slot + 4, EMIT)
 
 
 @triton.jit

@@ -11,7 +11,9 @@ both affine, so they fold with ``theta`` into one index-space map (kernels only 
 backend uses). The kernel is then a per-batch-item ``slice_volume``: one program per block of output voxels of
 item ``n``, taps computed once and reused for every channel.
 
-Backward: the volume gradient is the usual atomic scatter (not bitwise deterministic on a GPU); the
+Backward: the volume gradient is the usual atomic scatter (not bitwise reproducible on a GPU; under
+``torch.use_deterministic_algorithms(True)`` the same kernel, ``EMIT``, writes its contributions to buffers
+summed in a fixed order, chunk by chunk: ``_common.run_scatter``); the
 gradient with respect to ``M``, ``∂L/∂M[r, c] = Σ_voxels Σ_channels g · ∂val/∂x_r · p_c`` with
 ``p = (d_o, h_o, w_o, 1)``, is reduced per program and written as a ``(N, programs, 12)`` partial-sum buffer
 that PyTorch sums (no atomics: deterministic), then mapped to ``theta`` through the transpose of the affine
@@ -29,9 +31,9 @@ import triton
 import triton.language as tl
 
 from ...geometry import affine_theta_grad, affine_theta_maps
-from ._common import (INTERPRETED, alert_not_deterministic, apply_row, interpreter_block, launch, linear_taps,
-                      linear_taps_dx, one_per_thread, pow2_block, trilinear_gather, trilinear_gather_with_grad,
-                      trilinear_scatter, voxel_coords)
+from ._common import (INTERPRETED, apply_row, interpreter_block, launch, linear_taps, linear_taps_dx, one_per_thread,
+                      pow2_block, run_scatter, trilinear_gather, trilinear_gather_with_grad, trilinear_scatter,
+                      voxel_coords)
 
 __all__ = ["affine_grid_sample", "affine_grid_sample_backward"]
 
@@ -69,14 +71,19 @@ def _ags_kernel(vol_ptr, maps_ptr, out_ptr, C, D, H, W, svn, svc, svd, svh, svw,
 
 
 @triton.jit
-def _ags_backward_kernel(g_ptr, vol_ptr, maps_ptr, gvol_ptr, part_ptr,
-                         C, D, H, W, sgn, sgc, sgd, sgh, sgw, svn, svc, svd, svh, svw, Do, Ho, Wo,
-                         VOLUME_GRAD: tl.constexpr, MAP_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _ags_backward_kernel(g_ptr, vol_ptr, maps_ptr, gvol_ptr, part_ptr, idx_ptr, val_ptr,
+                         C, D, H, W, sgn, sgc, sgd, sgh, sgw, svn, svc, svd, svh, svw, Do, Ho, Wo, n0, p0, p1,
+                         VOLUME_GRAD: tl.constexpr, MAP_GRAD: tl.constexpr, EMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Volume gradient (``VOLUME_GRAD``, a scatter) and per-program partial sums of the map gradient
+    (``MAP_GRAD``) of the output points ``[p0, p1)`` of batch item ``n0 + program_id(1)``. Work of the scatter
+    (``_common.run_scatter``): outer items = the batch items from ``n0``, inner items = the output points
+    ``[p0, p1)``; slot of point ``p`` of item ``n``, channel ``c``, corner ``r``:
+    ``(((n - n0)·(p1 - p0) + p - p0)·C + c)·8 + r``. The partial sums assume the whole range (one launch)."""
     pid = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
+    n = n0 + tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    vox = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = vox < tl.cast(Do, tl.int64) * Ho * Wo
+    vox = p0 + pid * BLOCK + tl.arange(0, BLOCK)
+    mask = vox < p1
     fd, fh, fw, x0, x1, x2 = _out_coords(maps_ptr, n, vox, Ho, Wo, D, H, W, ct)
     d0, d1, dw0, dw1 = linear_taps(x0, D)
     h0, h1, hw0, hw1 = linear_taps(x1, H)
@@ -90,12 +97,17 @@ def _ags_backward_kernel(g_ptr, vol_ptr, maps_ptr, gvol_ptr, part_ptr,
     s2 = tl.zeros([BLOCK], dtype=ct)
     g_c = g_ptr + n * sgn + (vox // (Ho * Wo)) * sgd + ((vox // Wo) % Ho) * sgh + (vox % Wo) * sgw
     vol_c = vol_ptr + n * svn
-    gvol_c = gvol_ptr + n * C * D * H * W
+    vol_size = tl.cast(D, tl.int64) * H * W
+    gvol_base = n * C * vol_size
+    if EMIT:
+        point_slot = ((n - n0) * (p1 - p0) + (vox - p0)) * C
+    else:
+        point_slot = vox
     for c in range(C):
         g = tl.load(g_c, mask=mask, other=0.0).to(ct)
         if VOLUME_GRAD:
-            trilinear_scatter(gvol_c, 0, d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1,
-                              H * W, W, 1, g, mask)
+            trilinear_scatter(gvol_ptr, gvol_base, d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1,
+                              H * W, W, 1, g, mask, idx_ptr, val_ptr, (point_slot + c) * 8, EMIT)
         if MAP_GRAD:
             val, g0, g1, g2 = trilinear_gather_with_grad(vol_c, 0, d0, d1, dw0, dw1, dd0, dd1,
                                                          h0, h1, hw0, hw1, dh0, dh1,
@@ -105,7 +117,7 @@ def _ags_backward_kernel(g_ptr, vol_ptr, maps_ptr, gvol_ptr, part_ptr,
             s2 += g * g2
         g_c += sgc
         vol_c += svc
-        gvol_c += tl.cast(D, tl.int64) * H * W
+        gvol_base += vol_size
     if MAP_GRAD:
         # ∂L/∂M[r, :] = Σ_vox s_r · (d_o, h_o, w_o, 1), reduced over this program's voxels.
         part = part_ptr + (n * tl.num_programs(0) + pid) * 12
@@ -153,9 +165,11 @@ def affine_grid_sample(volume: torch.Tensor, theta: torch.Tensor, size: List[int
 
 def affine_grid_sample_backward(grad: torch.Tensor, volume: torch.Tensor, theta: torch.Tensor, align_corners: bool,
                                 volume_grad: bool, theta_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The gradients with respect to ``volume`` and ``theta`` (a gradient not asked for is an empty tensor)."""
-    if volume_grad:  # the theta reduction writes per-program partial sums: deterministic
-        alert_not_deterministic("affine_grid_sample_backward (volume gradient)", grad.device)
+    """The gradients with respect to ``volume`` and ``theta`` (a gradient not asked for is an empty tensor).
+
+    By default one launch computes both. Under ``torch.use_deterministic_algorithms(True)`` the volume gradient
+    takes the deterministic path of ``_common.run_scatter`` (its own launches, chunk by chunk) and the theta
+    gradient, already deterministic (per-program partial sums that PyTorch adds), a launch of its own."""
     N, C, D, H, W = volume.shape
     Do, Ho, Wo = grad.shape[2:]
     Vo = Do * Ho * Wo
@@ -165,10 +179,19 @@ def affine_grid_sample_backward(grad: torch.Tensor, volume: torch.Tensor, theta:
     gvol = volume.new_zeros(volume.shape) if volume_grad else volume.new_empty((0,))
     part = volume.new_zeros((N, programs, 12)) if theta_grad else volume.new_empty((0,))
     if (volume_grad or theta_grad) and Vo > 0 and volume.numel() > 0:
-        launch(_ags_backward_kernel, grad)[(programs, N)](
-            grad, volume, maps, gvol if volume_grad else volume, part if theta_grad else volume,
-            C, D, H, W, *grad.stride(), *volume.stride(), Do, Ho, Wo,
-            VOLUME_GRAD=volume_grad, MAP_GRAD=theta_grad, BLOCK=block, num_warps=one_per_thread(block))
+        run = launch(_ags_backward_kernel, grad)
+
+        def kernel(n0, n1, p0, p1, index, value, emit, with_volume=True, with_theta=False):
+            run[(triton.cdiv(p1 - p0, block), n1 - n0)](
+                grad, volume, maps, gvol if with_volume else volume, part if with_theta else volume, index, value,
+                C, D, H, W, *grad.stride(), *volume.stride(), Do, Ho, Wo, n0, p0, p1,
+                VOLUME_GRAD=with_volume, MAP_GRAD=with_theta, EMIT=emit, BLOCK=block, num_warps=one_per_thread(block))
+        if volume_grad and torch.are_deterministic_algorithms_enabled():
+            run_scatter(gvol, N, Vo, 8 * C, maps, kernel)
+            if theta_grad:
+                kernel(0, N, 0, Vo, maps, maps, False, with_volume=False, with_theta=True)
+        else:  # both gradients in one launch (the volume gradient with atomic adds)
+            kernel(0, N, 0, Vo, maps, maps, False, with_volume=volume_grad, with_theta=theta_grad)
     if not theta_grad:
         return gvol, theta.new_empty((0,))
     return gvol, affine_theta_grad(part.sum(1).reshape(N, 3, 4), (D, H, W), (Do, Ho, Wo), align_corners,
@@ -181,8 +204,10 @@ def affine_grid_sample_backward(grad: torch.Tensor, volume: torch.Tensor, theta:
 #: (kernel, pointer dtype overrides, constexprs, num_warps)
 COMPILE_VARIANTS = [
     ("_ags_kernel", {}, dict(BLOCK=256), 8),
-    ("_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=True, BLOCK=128), 4),
-    ("_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=False, BLOCK=128), 4),
+    ("_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=True, EMIT=False, BLOCK=128), 4),
+    ("_ags_backward_kernel", {}, dict(VOLUME_GRAD=True, MAP_GRAD=False, EMIT=False, BLOCK=128), 4),
+    ("_ags_backward_kernel", {}, dict(VOLUME_GRAD=False, MAP_GRAD=True, EMIT=False, BLOCK=128), 4),
+    ("_ags_backward_kernel", {"idx_ptr": "i64"}, dict(VOLUME_GRAD=True, MAP_GRAD=False, EMIT=True, BLOCK=128), 4),
 ]
 
 

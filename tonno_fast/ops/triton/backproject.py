@@ -24,8 +24,10 @@ autotuning and up to 4096 voxels per program.
 
 The adjoint (``backproject_backward``: volume gradient → sinogram gradient) scatters every voxel's two taps
 with ``tl.atomic_add`` into the ``S`` bins of each direction (tile 8 rows × 128 voxels, 4 warps): correct
-but contended on a GPU, and the order of the adds (the last bits of a float32 result) is not deterministic.
-A contention-free alternative (a per-program reduction over the few bins a voxel tile touches) is the next
+but contended on a GPU, and the order of the adds (the last bits of a float32 result) varies from run to
+run. Under ``torch.use_deterministic_algorithms(True)`` the same kernel (``EMIT``) writes its contributions
+to buffers summed in a fixed order, chunk by chunk (``_common.run_scatter``): bitwise reproducible. A
+contention-free alternative (a per-program reduction over the few bins a voxel tile touches) is the next
 step if ``benchmarks/gpu`` shows the atomics dominate.
 """
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, alert_not_deterministic, apply_row, interpreter_block, interpreter_block_bk, launch,
-                      linear_taps, pow2_block, row_offsets, tile_offsets, voxel_tile)
+from ._common import (INTERPRETED, apply_row, interpreter_block, interpreter_block_bk, launch, linear_taps, pow2_block,
+                      row_offsets, run_scatter, sink_add, tile_offsets, voxel_tile)
 
 __all__ = ["backproject", "backproject_backward"]
 
@@ -47,7 +49,7 @@ def _backproject_kernel(sino_ptr, maps_ptr, wts_ptr, out_ptr,
                         BK, K, N, S, D, H, W, ssb, ssk, ssn, sss,
                         BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
     ct = maps_ptr.dtype.element_ty
-    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), 0,
                                             BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
     rows = row_offsets(bk, K, ssb, ssk)  # (BLOCK_BK, 1) sinogram row offsets
     acc = tl.zeros([BLOCK_BK, BLOCK_V], dtype=ct)
@@ -67,22 +69,31 @@ def _backproject_kernel(sino_ptr, maps_ptr, wts_ptr, out_ptr,
 
 
 @triton.jit
-def _backproject_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, out_ptr,
-                                BK, K, N, S, D, H, W, sgb, sgk, sgd, sgh, sgw,
-                                BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``out (B,K,N,S) += w_n · tap weight · g[b,k,x]`` for the voxels of one tile and one direction."""
-    n = tl.program_id(1).to(tl.int64)
+def _backproject_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, out_ptr, idx_ptr, val_ptr,
+                                BK, K, N, S, D, H, W, sgb, sgk, sgd, sgh, sgw, n0, v0, v1,
+                                EMIT: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out (B,K,N,S) += w_n · tap weight · g[b,k,x]`` for the voxels of one tile and one direction.
+
+    Work (``_common.run_scatter``): outer items = the directions from ``n0`` (grid y), inner items = the voxels
+    ``[v0, v1)`` (grid x); slot of voxel ``x``, direction ``n``, row ``bk``, tap ``r``:
+    ``(((n - n0)·(v1 - v0) + x - v0)·BK + bk)·2 + r``."""
+    n = n0 + tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64),
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64), v0,
                                             BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
     t = apply_row(maps_ptr + n * 12, 0, fd, fh, fw)
     t0, t1, tw0, tw1 = linear_taps(t, S)
-    m2 = m2 & ((tw0 + tw1) != 0)[None, :]
+    m2 = m2 & ((tw0 + tw1) != 0)[None, :] & (vox < v1)[None, :]
     goff = tile_offsets(bk, K, vox, H, W, sgb, sgk, sgd, sgh, sgw)
     g = tl.load(g_ptr + goff, mask=m2, other=0.0).to(ct) * tl.load(wts_ptr + n)
-    rows = out_ptr + (bk[:, None] * N + n) * S
-    tl.atomic_add(rows + t0[None, :], tw0[None, :] * g, mask=m2 & (tw0 != 0)[None, :])
-    tl.atomic_add(rows + t1[None, :], tw1[None, :] * g, mask=m2 & (tw1 != 0)[None, :])
+    rows = (bk[:, None] * N + n) * S
+    if EMIT:
+        slot = (((n - n0) * (v1 - v0) + (vox - v0))[None, :] * BK + bk[:, None]) * 2
+    else:
+        slot = 0
+    sink_add(out_ptr, rows + t0[None, :], tw0[None, :] * g, m2 & (tw0 != 0)[None, :], idx_ptr, val_ptr, slot, EMIT)
+    sink_add(out_ptr, rows + t1[None, :], tw1[None, :] * g, m2 & (tw1 != 0)[None, :], idx_ptr, val_ptr, slot + 1,
+             EMIT)
 
 
 if INTERPRETED:
@@ -127,7 +138,6 @@ def backproject(sinogram: torch.Tensor, maps: torch.Tensor, weights: torch.Tenso
 def backproject_backward(grad: torch.Tensor, maps: torch.Tensor, weights: torch.Tensor, n_slices: int) -> torch.Tensor:
     """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, n_slices)``."""
     maps, weights = maps.contiguous(), weights.contiguous()
-    alert_not_deterministic("backproject_backward", grad.device)
     B, K, D, H, W = grad.shape
     N = maps.shape[0]
     out = torch.zeros((B, K, N, n_slices), dtype=maps.dtype, device=maps.device)
@@ -136,10 +146,13 @@ def backproject_backward(grad: torch.Tensor, maps: torch.Tensor, weights: torch.
         return out
     bbk = _block_bk(B * K)
     bv = interpreter_block(V) if INTERPRETED else pow2_block(V, 32, 128)
-    grid = (triton.cdiv(V, bv), N, triton.cdiv(B * K, bbk))
-    launch(_backproject_adjoint_kernel, grad)[grid](grad, maps, weights, out, B * K, K, N, n_slices, D, H, W,
-                                                    *grad.stride(), BLOCK_BK=bbk, BLOCK_V=bv, num_warps=4)
-    return out
+    run = launch(_backproject_adjoint_kernel, grad)
+
+    def kernel(n0, n1, v0, v1, index, value, emit):
+        grid = (triton.cdiv(v1 - v0, bv), n1 - n0, triton.cdiv(B * K, bbk))
+        run[grid](grad, maps, weights, out, index, value, B * K, K, N, n_slices, D, H, W, *grad.stride(), n0, v0, v1,
+                  EMIT=emit, BLOCK_BK=bbk, BLOCK_V=bv, num_warps=4)
+    return run_scatter(out, N, V, 2 * B * K, maps, kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +161,8 @@ def backproject_backward(grad: torch.Tensor, maps: torch.Tensor, weights: torch.
 #: (kernel, pointer dtype overrides, constexprs, num_warps)
 COMPILE_VARIANTS = [
     ("_backproject_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=256), 4),
-    ("_backproject_adjoint_kernel", {}, dict(BLOCK_BK=8, BLOCK_V=128), 4),
+    ("_backproject_adjoint_kernel", {}, dict(EMIT=False, BLOCK_BK=8, BLOCK_V=128), 4),
+    ("_backproject_adjoint_kernel", {"idx_ptr": "i64"}, dict(EMIT=True, BLOCK_BK=8, BLOCK_V=128), 4),
 ]
 
 

@@ -22,7 +22,9 @@ laplacian; 163 at 256 voxels), and the loads are cache-latency bound, so the til
 autotuned. Under the interpreter: up to 16 rows × 4096 voxels.
 
 The adjoint (``backproject_slices_backward``) scatters each voxel's value into the 8 (16) stack corners of
-every direction with ``tl.atomic_add``: not bitwise deterministic on a GPU.
+every direction with ``tl.atomic_add``: not bitwise reproducible on a GPU. Under
+``torch.use_deterministic_algorithms(True)`` the same kernel (``EMIT``) writes its contributions to buffers
+summed in a fixed order, chunk by chunk (``_common.run_scatter``): bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, alert_not_deterministic, apply_row, bilinear_gather, bilinear_scatter,
-                      interpreter_block, interpreter_block_bk, launch, linear_taps, pow2_block, row_offsets, scalars,
+from ._common import (INTERPRETED, apply_row, bilinear_gather, bilinear_scatter, interpreter_block,
+                      interpreter_block_bk, launch, linear_taps, pow2_block, row_offsets, run_scatter, scalars,
                       tile_offsets, trilinear_gather, trilinear_scatter, voxel_tile)
 
 __all__ = ["backproject_slices", "backproject_slices_backward"]
@@ -65,10 +67,12 @@ def _plane_gather(ptr, base, q, c, s_plane, i0, i1, wi0, wi1, j0, j1, wj0, wj1, 
 
 
 @triton.jit
-def _plane_scatter(ptr, base, q, c, s_plane, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, val, mask):
-    """Adjoint of :func:`_plane_gather`: ``plane q += c · val`` spread over the bilinear corners."""
+def _plane_scatter(ptr, base, q, c, s_plane, i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2, val, mask,
+                   idx_ptr, val_ptr, slot, EMIT: tl.constexpr):
+    """Adjoint of :func:`_plane_gather`: ``plane q += c · val`` spread over the bilinear corners (slots
+    ``slot .. slot + 3`` with ``EMIT``)."""
     bilinear_scatter(ptr, base + (q * s_plane)[None, :], i0, i1, wi0, wi1, j0, j1, wj0, wj1, s1, s2,
-                     c[None, :] * val, mask & (c != 0)[None, :])
+                     c[None, :] * val, mask & (c != 0)[None, :], idx_ptr, val_ptr, slot, EMIT)
 
 
 @triton.jit
@@ -88,7 +92,7 @@ def _bps_kernel(st_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr,
                 BK, K, N, S, h, w, D, H, W, ssb, ssk, ssn, sss, ssh, ssw,
                 LAPLACIAN: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
     ct = maps_ptr.dtype.element_ty
-    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), 0,
                                             BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
     base = row_offsets(bk, K, ssb, ssk)  # (BLOCK_BK, 1) offsets of stacks[b, k, 0]
     acc = tl.zeros([BLOCK_BK, BLOCK_V], dtype=ct)
@@ -113,30 +117,44 @@ def _bps_kernel(st_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr,
 
 
 @triton.jit
-def _bps_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr,
-                        BK, K, N, S, h, w, D, H, W, sgb, sgk, sgd, sgh, sgw,
-                        LAPLACIAN: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``out (B,K,N,S,h,w)`` (contiguous) ``+= w_n · corner weights · g[b,k,x]`` for one tile and direction."""
-    n = tl.program_id(1).to(tl.int64)
+def _bps_adjoint_kernel(g_ptr, maps_ptr, wts_ptr, par_ptr, out_ptr, idx_ptr, val_ptr,
+                        BK, K, N, S, h, w, D, H, W, sgb, sgk, sgd, sgh, sgw, n0, v0, v1,
+                        EMIT: tl.constexpr, LAPLACIAN: tl.constexpr, BLOCK_BK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``out (B,K,N,S,h,w)`` (contiguous) ``+= w_n · corner weights · g[b,k,x]`` for one tile and direction.
+
+    Work (``_common.run_scatter``): outer items = the directions from ``n0`` (grid y), inner items = the voxels
+    ``[v0, v1)`` (grid x); ``NC`` = 8 corners (16 with the laplacian: 4 planes × 4) per voxel, direction and row;
+    slot of voxel ``x``, direction ``n``, row ``bk``, corner ``r``:
+    ``(((n - n0)·(v1 - v0) + x - v0)·BK + bk)·NC + r``."""
+    n = n0 + tl.program_id(1).to(tl.int64)
     ct = maps_ptr.dtype.element_ty
-    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64),
+    V, vox, fd, fh, fw, bk, m2 = voxel_tile(tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64), v0,
                                             BK, D, H, W, ct, BLOCK_BK, BLOCK_V)
+    m2 = m2 & (vox < v1)[None, :]
     t, i0, i1, wi0, wi1, j0, j1, wj0, wj1 = _stack_coords(maps_ptr + n * 12, fd, fh, fw, h, w)
     goff = tile_offsets(bk, K, vox, H, W, sgb, sgk, sgd, sgh, sgw)
     g = tl.load(g_ptr + goff, mask=m2, other=0.0).to(ct) * tl.load(wts_ptr + n)
     base = (bk[:, None] * N + n) * (tl.cast(S, tl.int64) * h * w)
     hw = tl.cast(h, tl.int64) * w
+    if EMIT:
+        slot = ((n - n0) * (v1 - v0) + (vox - v0))[None, :] * BK + bk[:, None]  # times NC below
+    else:
+        slot = 0
     if LAPLACIAN:
         q0, q1, q2, q3, c0, c1, c2, c3 = _laplacian_planes(t, S)
         g = g * tl.load(par_ptr)
-        _plane_scatter(out_ptr, base, q0, c0, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
-        _plane_scatter(out_ptr, base, q1, c1, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
-        _plane_scatter(out_ptr, base, q2, c2, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
-        _plane_scatter(out_ptr, base, q3, c3, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2)
+        _plane_scatter(out_ptr, base, q0, c0, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2,
+                       idx_ptr, val_ptr, slot * 16, EMIT)
+        _plane_scatter(out_ptr, base, q1, c1, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2,
+                       idx_ptr, val_ptr, slot * 16 + 4, EMIT)
+        _plane_scatter(out_ptr, base, q2, c2, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2,
+                       idx_ptr, val_ptr, slot * 16 + 8, EMIT)
+        _plane_scatter(out_ptr, base, q3, c3, hw, i0, i1, wi0, wi1, j0, j1, wj0, wj1, w, 1, g, m2,
+                       idx_ptr, val_ptr, slot * 16 + 12, EMIT)
     else:
         t0, t1, tw0, tw1 = linear_taps(t, S)
         trilinear_scatter(out_ptr, base, t0[None, :], t1[None, :], tw0[None, :], tw1[None, :],
-                          i0, i1, wi0, wi1, j0, j1, wj0, wj1, hw, w, 1, g, m2)
+                          i0, i1, wi0, wi1, j0, j1, wj0, wj1, hw, w, 1, g, m2, idx_ptr, val_ptr, slot * 8, EMIT)
 
 
 def _blocks(bk: int, V: int):
@@ -178,7 +196,6 @@ def backproject_slices_backward(grad: torch.Tensor, maps: torch.Tensor, weights:
                                 laplacian_spacing: Optional[float]) -> torch.Tensor:
     """The adjoint: ``grad`` ``(B, K, D, H, W)`` → ``(B, K, N, S, h, w)`` with ``stack_shape = (S, h, w)``."""
     maps, weights = maps.contiguous(), weights.contiguous()
-    alert_not_deterministic("backproject_slices_backward", grad.device)
     B, K, D, H, W = grad.shape
     S, h, w = stack_shape
     N = maps.shape[0]
@@ -187,20 +204,27 @@ def backproject_slices_backward(grad: torch.Tensor, maps: torch.Tensor, weights:
     if out.numel() == 0 or V == 0:
         return out
     bbk, bv = _blocks(B * K, V)
-    grid = (triton.cdiv(V, bv), N, triton.cdiv(B * K, bbk))
-    launch(_bps_adjoint_kernel, grad)[grid](grad, maps, weights, _params(laplacian_spacing, maps), out,
-                                            B * K, K, N, S, h, w, D, H, W, *grad.stride(),
-                                            LAPLACIAN=laplacian_spacing is not None, BLOCK_BK=bbk, BLOCK_V=bv,
-                                            num_warps=4)
-    return out
+    params = _params(laplacian_spacing, maps)
+    run = launch(_bps_adjoint_kernel, grad)
+
+    def kernel(n0, n1, v0, v1, index, value, emit):
+        grid = (triton.cdiv(v1 - v0, bv), n1 - n0, triton.cdiv(B * K, bbk))
+        run[grid](grad, maps, weights, params, out, index, value, B * K, K, N, S, h, w, D, H, W, *grad.stride(),
+                  n0, v0, v1, EMIT=emit, LAPLACIAN=laplacian_spacing is not None, BLOCK_BK=bbk, BLOCK_V=bv,
+                  num_warps=4)
+    corners = 16 if laplacian_spacing is not None else 8
+    return run_scatter(out, N, V, corners * B * K, maps, kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tooling (compile_check): the kernel variants the GPU launchers use, and small calls to trace.
 
 #: (kernel, pointer dtype overrides, constexprs, num_warps)
-COMPILE_VARIANTS = [(kernel, {}, dict(LAPLACIAN=laplacian, BLOCK_BK=4, BLOCK_V=128), 4)
-                    for kernel in ("_bps_kernel", "_bps_adjoint_kernel") for laplacian in (False, True)]
+COMPILE_VARIANTS = (
+    [("_bps_kernel", {}, dict(LAPLACIAN=laplacian, BLOCK_BK=4, BLOCK_V=128), 4) for laplacian in (False, True)]
+    + [("_bps_adjoint_kernel", {"idx_ptr": "i64"} if emit else {},
+        dict(EMIT=emit, LAPLACIAN=laplacian, BLOCK_BK=4, BLOCK_V=128), 4)
+       for emit in (False, True) for laplacian in (False, True)])
 
 
 def trace_samples(s):

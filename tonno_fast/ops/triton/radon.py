@@ -14,7 +14,8 @@ Block size: ``h*w`` rounded up to a power of two, clamped to [64, 256] on a GPU,
 ``_common.one_per_thread``), and up to 4096 under the interpreter.
 
 The adjoint (``radon_backward``) is the slice adjoint kernel of :mod:`.slice_volume` reading one gradient
-value per slice (zero pixel strides): atomic adds, not bitwise deterministic on a GPU.
+value per slice (zero pixel strides): atomic adds, not bitwise reproducible on a GPU, or, under
+``torch.use_deterministic_algorithms(True)``, its deterministic path (``_common.run_scatter``).
 """
 from __future__ import annotations
 
@@ -75,8 +76,7 @@ def radon_backward(grad: torch.Tensor, maps: torch.Tensor, height: int, width: i
     B, C, N, S = grad.shape
     g = grad.to(maps.dtype) * scale
     sb, sc, sn, sk = g.stride()
-    return launch_adjoint(g, (sb, sn, sk, sc, 0, 0), maps.contiguous(), S, height, width, (B, C), volume_shape,
-                          "radon_backward")
+    return launch_adjoint(g, (sb, sn, sk, sc, 0, 0), maps.contiguous(), S, height, width, (B, C), volume_shape)
 
 
 # ----------------------------------------------------------------------------------------------------------

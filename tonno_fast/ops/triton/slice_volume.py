@@ -28,9 +28,11 @@ iteration there. No autotuning: the kernel is bound by scattered reads and the o
 shape barely moves (not measured: no GPU on the machine where this was written).
 
 The adjoint (``slice_volume_backward``) scatters each pixel's gradient to its eight corners with
-``tl.atomic_add``: on a GPU the order of the adds, hence the last bits of a float32 result, is not
-deterministic (the CPU backend is the deterministic path). The same kernel serves ``radon``'s adjoint by
-reading the gradient with zero pixel strides (one value per slice).
+``tl.atomic_add``: on a GPU the order of the adds, hence the last bits of a float32 result, varies from run to
+run. Under ``torch.use_deterministic_algorithms(True)`` the same kernel (``EMIT``) writes its contributions
+to buffers that are summed in a fixed order, chunk by chunk (``_common.run_scatter``): bitwise reproducible.
+The same kernel serves ``radon``'s adjoint by reading the gradient with zero pixel strides (one value per
+slice).
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRETED, alert_not_deterministic, interpreter_block, launch, one_per_thread, pow2_block,
-                      scalars, slice_taps, trilinear_gather, trilinear_scatter)
+from ._common import (INTERPRETED, interpreter_block, launch, one_per_thread, pow2_block, run_scatter, scalars,
+                      slice_taps, trilinear_gather, trilinear_scatter)
 
 __all__ = ["slice_volume", "slice_volume_backward"]
 
@@ -92,32 +94,41 @@ def _slice_kernel(vol_ptr, maps_ptr, par_ptr, out_ptr,
 
 
 @triton.jit
-def _slice_adjoint_kernel(g_ptr, maps_ptr, out_ptr,
-                          B, C, D, H, W, sgb, sgn, sgk, sgc, sgi, sgj,
-                          S, h, w, BLOCK: tl.constexpr):
+def _slice_adjoint_kernel(g_ptr, maps_ptr, out_ptr, idx_ptr, val_ptr,
+                          C, D, H, W, sgb, sgn, sgk, sgc, sgi, sgj,
+                          S, h, w, slice0, slice1, bc0, bc1, EMIT: tl.constexpr, BLOCK: tl.constexpr):
     """``out (B,C,D,H,W) += Σ_pixels trilinear-weights · g[b,n,k,c,i,j]``; ``g`` read through its strides
-    (``sgi = sgj = 0`` for radon's adjoint: one value per slice)."""
+    (``sgi = sgj = 0`` for radon's adjoint: one value per slice).
+
+    Work (``_common.run_scatter``): outer items = the slices ``[slice0, slice1)`` (flat ``n·S + k``), inner items =
+    the ``(b, c)`` planes ``[bc0, bc1)``; grid (pixel blocks, y, z) with slice ``slice0 + y + z·(programs along
+    y)`` (several programs along z only past 65535 slices: the GPU's limit along y); slot of pixel ``p``, plane
+    ``bc``, corner ``r``: ``(((slice - slice0)·h·w + p)·(bc1 - bc0) + bc - bc0)·8 + r``."""
     pid = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(2).to(tl.int64)
+    flat = slice0 + tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    live = flat < slice1
+    flat = tl.minimum(flat, slice1 - 1)  # the programs past the end read a valid map, and write nothing
+    n = flat // S
+    k = flat % S
+    hw = tl.cast(h, tl.int64) * w
     pix = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < tl.cast(h, tl.int64) * w
+    mask = (pix < hw) & live
     d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1 = slice_taps(maps_ptr, n, k, pix, w, D, H, W)
     any_valid = mask & ((dw0 + dw1) * (hw0 + hw1) * (ww0 + ww1) != 0)
     ct = out_ptr.dtype.element_ty
-    g_b = g_ptr + n * sgn + k * sgk + (pix // w) * sgi + (pix % w) * sgj
-    out_b = out_ptr
-    for b in range(B):
-        g_c = g_b
-        out_c = out_b
-        for c in range(C):
-            g = tl.load(g_c, mask=any_valid, other=0.0).to(ct)
-            trilinear_scatter(out_c, 0, d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1,
-                              H * W, W, 1, g, any_valid)
-            g_c += sgc
-            out_c += tl.cast(D, tl.int64) * H * W
-        g_b += sgb
-        out_b += tl.cast(C, tl.int64) * D * H * W
+    g_pix = g_ptr + n * sgn + k * sgk + (pix // w) * sgi + (pix % w) * sgj
+    vol_size = tl.cast(D, tl.int64) * H * W
+    if EMIT:
+        pix_slot = ((flat - slice0) * hw + pix) * (bc1 - bc0)
+    else:
+        pix_slot = pix
+    for bc in range(bc0, bc1):
+        bc = tl.cast(bc, tl.int64)
+        b = bc // C
+        c = bc % C
+        g = tl.load(g_pix + b * sgb + c * sgc, mask=any_valid, other=0.0).to(ct)
+        trilinear_scatter(out_ptr, bc * vol_size, d0, d1, dw0, dw1, h0, h1, hw0, hw1, w0, w1, ww0, ww1,
+                          H * W, W, 1, g, any_valid, idx_ptr, val_ptr, (pix_slot + bc - bc0) * 8, EMIT)
 
 
 def _block(hw: int) -> tuple:
@@ -148,10 +159,10 @@ def _launch_forward(volume, maps, n_slices, height, width, fill, out_dtype, wind
     return out
 
 
-def launch_adjoint(grad, strides, maps, n_slices, height, width, batch_channels, volume_shape, caller):
+def launch_adjoint(grad, strides, maps, n_slices, height, width, batch_channels, volume_shape):
     """Scatter ``grad`` (read with ``strides`` = (b, n, k, c, i, j)) into a new ``(B, C, D, H, W)`` tensor in
-    ``maps``' dtype. Shared with radon's adjoint."""
-    alert_not_deterministic(caller, maps.device)
+    ``maps``' dtype (atomic adds, or the deterministic path of ``_common.run_scatter``). Shared with radon's
+    adjoint."""
     B, C = batch_channels
     D, H, W = (int(x) for x in volume_shape)
     N = maps.shape[0]
@@ -159,10 +170,14 @@ def launch_adjoint(grad, strides, maps, n_slices, height, width, batch_channels,
     if out.numel() == 0 or N * n_slices * height * width == 0:
         return out
     block, warps = _block(height * width)
-    grid = (triton.cdiv(height * width, block), n_slices, N)
-    launch(_slice_adjoint_kernel, grad)[grid](grad, maps, out, B, C, D, H, W, *strides, n_slices, height, width,
-                                              BLOCK=block, num_warps=warps)
-    return out
+    run = launch(_slice_adjoint_kernel, grad)
+
+    def kernel(slice0, slice1, bc0, bc1, index, value, emit):
+        gy = min(slice1 - slice0, 65535)
+        grid = (triton.cdiv(height * width, block), gy, triton.cdiv(slice1 - slice0, gy))
+        run[grid](grad, maps, out, index, value, C, D, H, W, *strides, n_slices, height, width, slice0, slice1,
+                  bc0, bc1, EMIT=emit, BLOCK=block, num_warps=warps)
+    return run_scatter(out, N * n_slices, B * C, 8 * height * width, maps, kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,8 +194,7 @@ def slice_volume(volume: torch.Tensor, maps: torch.Tensor, n_slices: int, height
 def slice_volume_backward(grad: torch.Tensor, maps: torch.Tensor, volume_shape: List[int]) -> torch.Tensor:
     """The adjoint: ``grad`` ``(B, N, S, C, h, w)`` → ``(B, C, D, H, W)``."""
     B, N, S, C, h, w = grad.shape
-    return launch_adjoint(grad, grad.stride(), maps.contiguous(), S, h, w, (B, C), volume_shape,
-                          "slice_volume_backward")
+    return launch_adjoint(grad, grad.stride(), maps.contiguous(), S, h, w, (B, C), volume_shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +204,8 @@ def slice_volume_backward(grad: torch.Tensor, maps: torch.Tensor, volume_shape: 
 COMPILE_VARIANTS = [
     ("_slice_kernel", {}, dict(HAS_FILL=False, WINDOW=False, VIA_F32=False, BLOCK=256), 8),
     ("_slice_kernel", {"out_ptr": "bf16"}, dict(HAS_FILL=True, WINDOW=True, VIA_F32=True, BLOCK=256), 8),
-    ("_slice_adjoint_kernel", {"g_ptr": "bf16"}, dict(BLOCK=256), 8),
+    ("_slice_adjoint_kernel", {"g_ptr": "bf16"}, dict(EMIT=False, BLOCK=256), 8),
+    ("_slice_adjoint_kernel", {"g_ptr": "bf16", "idx_ptr": "i64"}, dict(EMIT=True, BLOCK=256), 8),
 ]
 
 
