@@ -42,6 +42,19 @@ def test_save_and_load_round_trip(tmp_path, torchscript):
     assert tf.load_encoder(path, pixel_spacing=2.0, batch_size=7).pixel_spacing == 2.0
 
 
+def test_slicecnn_options_travel_in_the_bundle(tmp_path):
+    # No factory_kwargs given: SliceCNN's own constructor arguments (pooling, top_k, ...) are stored.
+    torch.manual_seed(1)
+    net = SliceCNN(widths=(4, 4, 8, 8), norm="group", pooling="topk", top_k=3, sharpness=4.0).eval()
+    path = tf.save_encoder(tmp_path / "enc.pt", net, slice_size=16, pixel_spacing=3.0)
+    enc = tf.load_encoder(path)
+    assert torch.load(path, weights_only=True)["model"]["factory_kwargs"]["pooling"] == "topk"
+    assert (enc.model.pooling, enc.model.top_k, enc.model.sharpness) == ("topk", 3, 4.0)
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.model(x), net(x))
+
+
 def test_bundle_from_an_encoder_and_errors(tmp_path):
     net = _cnn()
     wrapped = tf.Encoder(net, input_size=(16, 12), pixel_spacing=2.5, window=(0.0, 2.0))
@@ -54,8 +67,9 @@ def test_bundle_from_an_encoder_and_errors(tmp_path):
         tf.save_encoder(tmp_path / "c.pt", net, pixel_spacing=1.0)
     with pytest.raises(ValueError, match="factory"):
         tf.save_encoder(tmp_path / "c.pt", net, slice_size=16, pixel_spacing=1.0, factory="no_such_module:make")
-    with pytest.raises(ValueError, match="do not fit"):  # default factory SliceCNN() has other widths
-        tf.load_encoder(tf.save_encoder(tmp_path / "d.pt", net, slice_size=16, pixel_spacing=1.0))
+    with pytest.raises(ValueError, match="do not fit"):  # factory SliceCNN with no arguments: other widths
+        tf.load_encoder(tf.save_encoder(tmp_path / "d.pt", net, slice_size=16, pixel_spacing=1.0,
+                                        factory="tonno_fast.demo.model:SliceCNN"))
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)
     with pytest.raises(ValueError, match="not an encoder bundle"):

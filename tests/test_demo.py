@@ -83,7 +83,7 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
     res = json.loads((tmp_path / "results.json").read_text())
     methods = res["methods"]
     from tonno_fast.demo.run import METHODS
-    assert set(methods) == set(METHODS) and len(METHODS) == 10  # 8 heatmap methods + 2 no-model baselines
+    assert set(methods) == set(METHODS) and len(METHODS) == 11  # 9 heatmap methods + 2 no-model baselines
     for m in methods.values():
         assert 0.0 <= m["mean"]["best"]["dice"] <= 1.0
     # The oracle (true plane integrals) must localise the lesions even at 8 directions and 6 mm.
@@ -104,6 +104,28 @@ def test_quick_demo_end_to_end(tmp_path, no_network):
     img, src = nib.load(str(heat[0])), nib.load(str(heat[0]).replace("_tonno", "_image"))
     np.testing.assert_allclose(img.affine, src.affine)
     assert (tmp_path / "encoder.pt").exists()
+
+
+def test_demo_numbers_do_not_depend_on_worker_processes(tmp_path):
+    # Each training run (with its heatmaps) seeds itself, so sharing the runs among spawned worker processes gives
+    # the same numbers as running them one after the other in this process.
+    import dataclasses
+
+    from tonno_fast.demo.run import QUICK, run_demo
+
+    tiny = dataclasses.replace(QUICK, n_train=8, n_val=2, n_test=2, steps=4, seeds=1, validate_every=2,
+                               validation_bags=4, eval_slices=64, n_directions=4, cam_directions=2, n_slices=8,
+                               png_subjects=0)
+    one = run_demo(tiny, tmp_path / "one", progress=False, workers=1)
+    two = run_demo(tiny, tmp_path / "two", progress=False, workers=2)
+    assert set(one["runs"]) == {"bag", "slice"}
+    for obj in one["runs"]:
+        a, b = one["runs"][obj][0], two["runs"][obj][0]
+        np.testing.assert_equal(a["dice_best"], b["dice_best"])  # exact, NaN == NaN
+        np.testing.assert_equal(a["encoder"], b["encoder"])
+        assert [h["loss"] for h in a["training_history"]] == [h["loss"] for h in b["training_history"]]
+        assert [v["loss"] for v in a["validation"]] == [v["loss"] for v in b["validation"]]
+    assert not (tmp_path / "two" / ".subjects.pt").exists()  # the workers' copy of the subjects is removed
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -188,6 +188,18 @@ def test_best_weights_are_kept():
     assert again["auc"] == pytest.approx(best["auc"], abs=1e-12)
 
 
+def test_best_weights_by_validation_loss():
+    # monitor="loss": the weights of the lowest validation bag loss (not the last, not the best AUC).
+    val = _sampler(1)
+    hist = train_encoder(_net, _sampler(0), steps=40, batch_size=32, objective="bag", lr=0.03, seed=1,
+                         validation=val, validate_every=10, validation_size=16, monitor="loss")
+    best = min(hist.validation, key=lambda v: v["loss"])
+    assert hist.best == {"step": best["step"], "loss": best["loss"]}
+    from tonno_fast.training import _Validator
+    again = _Validator(val, 16, None, None, "lse", 5.0, 256)(hist.encoder)
+    assert again["loss"] == pytest.approx(best["loss"], abs=1e-6)
+
+
 def test_bad_training_arguments():
     s = _sampler(0)
     with pytest.raises(ValueError, match="objective"):

@@ -81,8 +81,9 @@ def save_encoder(path, encoder, *, slice_size=None, pixel_spacing: Optional[floa
             ``None`` = none. Slices given to :class:`~tonno_fast.ObliqueSliceSampler` are raw voxel values,
             so leave these unset for an encoder trained with it on raw volumes.
         factory, factory_kwargs: how to rebuild the module for a ``state_dict`` bundle: ``"package.module:
-            callable"`` (default: the module's class) called with ``factory_kwargs`` (plain values). It must be
-            importable where the bundle is loaded.
+            callable"`` (default: the module's class) called with ``factory_kwargs`` (plain values; default:
+            ``model.factory_kwargs()`` when the module has that method and ``factory`` is not given, as the demo's
+            ``SliceCNN`` does, else none). It must be importable where the bundle is loaded.
         torchscript: store TorchScript (``torch.jit.script``, or the module itself when already scripted)
             instead of a ``state_dict``: loads without the model's code, but the CAM methods cannot use it.
         metadata: JSON-like dictionary stored as is (e.g. training objective, steps, validation AUC).
@@ -137,6 +138,8 @@ def save_encoder(path, encoder, *, slice_size=None, pixel_spacing: Optional[floa
         if isinstance(model, torch.jit.ScriptModule):
             raise ValueError("a TorchScript module can only be saved with torchscript=True")
         spec = factory or _factory_path(model)
+        if factory_kwargs is None and factory is None and callable(getattr(model, "factory_kwargs", None)):
+            factory_kwargs = model.factory_kwargs()  # a module that knows its own constructor arguments
         kwargs = dict(factory_kwargs or {})
         resolve_factory(spec)  # fail now, not when the bundle is loaded elsewhere
         stored = {"kind": "state_dict", "factory": spec, "factory_kwargs": kwargs,

@@ -369,6 +369,8 @@ def cmd_demo(args) -> int:
         argv += ["--seed", str(args.seed)]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
+    if args.workers is not None:
+        argv += ["--workers", str(args.workers)]
     return demo_main(argv)
 
 
@@ -545,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, help="random seed (default 0)")
     d.add_argument("--threads", type=int, metavar="T", help="CPU threads (default 1: reproducible, and fastest on "
                    "a busy 2-core machine)")
+    d.add_argument("--workers", type=int, metavar="P", help="processes sharing the training runs (default: one per "
+                   "available CPU core; the results do not depend on it)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="time every operator on each available backend against the reference",

@@ -41,6 +41,8 @@ log = logging.getLogger("tonno_fast.training")
 
 OBJECTIVES = ("slice", "bag")
 POOLINGS = ("lse", "max", "mean")
+# Validation numbers that can choose the weights kept: AUCs (higher is better) or the validation bag loss (lower).
+MONITORS = ("auc", "bag_auc", "loss")
 LN2 = math.log(2.0)
 
 
@@ -255,8 +257,9 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
             test set). A fixed set of ``validation_size`` bags (``bag_size``, ``bag_spacing`` as in training, for
             both objectives) is drawn from it once and scored every ``validate_every`` steps and at the end.
         monitor: which validation number chooses the best weights: ``"auc"`` (slice logits against volume
-            labels; default for the slice objective) or ``"bag_auc"`` (pooled bag logits against volume labels;
-            default for the bag objective). Both use volume labels only.
+            labels; default for the slice objective), ``"bag_auc"`` (pooled bag logits against volume labels) or
+            ``"loss"`` (the validation bag BCE, lowest wins; default for the bag objective: a bag AUC over a few
+            dozen bags saturates early and then keeps early weights, docs/training.md). All use volume labels only.
         keep_best: put the best validated weights back into the encoder at the end.
         patience: stop after this many validations without improvement of ``monitor`` (``None``: never).
         chance_tolerance, chance_steps: warn when the running loss has been within ``chance_tolerance`` of
@@ -296,9 +299,9 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
     if not (float(slice_weight) >= 0 and math.isfinite(float(slice_weight))):
         raise ValueError(f"slice_weight must be a non-negative number, got {slice_weight!r}")
     bags_per_step = _check_positive_int(bags_per_step, "bags_per_step", allow_none=True)
-    monitor = monitor or ("bag_auc" if objective == "bag" else "auc")
-    if monitor not in ("auc", "bag_auc"):
-        raise ValueError(f"monitor must be 'auc' or 'bag_auc', got {monitor!r}")
+    monitor = monitor or ("loss" if objective == "bag" else "auc")
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
     patience = _check_positive_int(patience, "patience", allow_none=True)
     if patience is not None and validation is None:
         raise ValueError("patience needs a validation sampler (validation=...)")
@@ -364,26 +367,29 @@ def _train_loop(encoder, model, ranks: _Ranks, sampler, history: TrainingHistory
         bar = tqdm(total=steps, desc="training encoder", unit="step")
     encoder.train()
     recent: List[float] = []
-    best_value, best_state, since_best = -math.inf, None, 0
+    best_value, best_auc, best_state, since_best = -math.inf, float("nan"), None, 0
+    # The AUC watched for chance level: the monitored one, or the bag AUC when the loss is monitored.
+    chance_key = "bag_auc" if monitor == "loss" else monitor
     chance_run, warned_loss, warned_auc = 0, False, False
     t0 = time.perf_counter()
     step = 0
 
     def validate() -> bool:
         """Score the validation set; returns True when patience has run out."""
-        nonlocal best_value, best_state, since_best, warned_auc
+        nonlocal best_value, best_auc, best_state, since_best, warned_auc
         with du.all_or_none(ranks.group):
             res = validator(encoder) if ranks.is_main else None
         res = {"step": step, **ranks.from_main(res), "seconds": time.perf_counter() - t0}
         history.validation.append(res)
-        value = res[monitor]
-        if math.isfinite(value) and abs(value - 0.5) < 0.05 and not warned_auc:
-            history.warn(step, f"validation {monitor} {value:.3f} is at chance (0.5): the encoder does not "
+        value = -res["loss"] if monitor == "loss" else res[monitor]  # larger is better
+        auc = res.get(chance_key, float("nan"))
+        if math.isfinite(auc) and abs(auc - 0.5) < 0.05 and not warned_auc:
+            history.warn(step, f"validation {chance_key} {auc:.3f} is at chance (0.5): the encoder does not "
                                f"separate the volume labels yet")
             warned_auc = True
         if math.isfinite(value) and value > best_value:
-            best_value, since_best = value, 0
-            history.best = {"step": step, monitor: value}
+            best_value, best_auc, since_best = value, auc, 0
+            history.best = {"step": step, monitor: res[monitor]}
             if keep_best:
                 best_state = copy.deepcopy(encoder.state_dict())
         else:
@@ -447,9 +453,9 @@ def _train_loop(encoder, model, ranks: _Ranks, sampler, history: TrainingHistory
     if validating and (not history.validation or history.validation[-1]["step"] != step):
         validate()
     history.steps, history.seconds = step, time.perf_counter() - t0
-    if validating and history.best is not None and abs(best_value - 0.5) < 0.05:
-        history.warn(step, f"the best validation {monitor} is {best_value:.3f}, at chance: the encoder has "
-                           f"not learnt to separate the volume labels")
+    if validating and history.best is not None and math.isfinite(best_auc) and abs(best_auc - 0.5) < 0.05:
+        history.warn(step, f"the validation {chance_key} of the weights kept is {best_auc:.3f}, at chance: the "
+                           f"encoder has not learnt to separate the volume labels")
     if keep_best and best_state is not None:
         encoder.load_state_dict(best_state)
     ranks.sync_buffers(encoder)

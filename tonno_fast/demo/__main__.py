@@ -3,4 +3,5 @@ import sys
 
 from .run import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the demo's worker processes import this module again (spawn): run only once
+    sys.exit(main())

@@ -7,9 +7,9 @@ coarse resolution, crops them to the brain, and reorders the axes to the library
 * anatomy: a random affine (rotation, anisotropic scale, translation) composed with a smooth elastic
   displacement field, applied by one trilinear resampling;
 * lesions (positive subjects only): 1–3 irregular blobs (unions of 2–4 overlapping balls) centred in white
-  matter, of radius ``lesion_radius`` mm, hyperintense or hypointense (``lesion_contrast`` times the white
-  matter intensity above or below it; dark lesions then look like grey matter), with a 1 mm soft edge; their
-  masks are kept for evaluation only;
+  matter, of radius ``lesion_radius`` mm, hyperintense (``lesion_contrast`` times the white matter intensity
+  above it) or hypointense (``hypo_contrast`` below it: between grey matter and CSF), with a 1 mm soft edge;
+  their masks are kept for evaluation only;
 * acquisition: gamma contrast change, global gain, smooth multiplicative bias field, Gaussian noise, and
   for a share of subjects thick slices along a random axis (blur + decimate + linear upsample by 2),
   which mimics an anisotropic acquisition on the common grid.
@@ -152,7 +152,8 @@ def _thick_slices(img: torch.Tensor, axis: int, factor: int = 2) -> torch.Tensor
 
 def make_subject(template: Template, seed: int, index: int, *, positive: bool,
                  n_lesions: Tuple[int, int] = (1, 3), lesion_radius: Tuple[float, float] = (12.0, 18.0),
-                 lesion_contrast: Tuple[float, float] = (0.35, 0.6), polarity: str = "hyper",
+                 lesion_contrast: Tuple[float, float] = (0.35, 0.6),
+                 hypo_contrast: Tuple[float, float] = (0.6, 0.8), polarity: str = "hyper",
                  rotation_deg: float = 8.0,
                  scale: float = 0.06, translation_mm: float = 4.0, elastic_mm: float = 3.0,
                  bias: float = 0.15, noise: Tuple[float, float] = (0.02, 0.05), gamma: float = 0.2,
@@ -163,10 +164,12 @@ def make_subject(template: Template, seed: int, index: int, *, positive: bool,
         template: from :func:`load_template`.
         positive: add ``n_lesions`` (inclusive range) lesions.
         lesion_radius: range (mm) of each blob's main ball radius.
-        lesion_contrast: range of the lesion's intensity difference to white matter (0.5 = 50% brighter for
-            ``polarity="hyper"``, 50% darker for ``"hypo"``).
-        polarity: ``"hyper"`` (brighter than white matter) or ``"hypo"`` (darker: in T1 then close to grey
-            matter, so intensity alone does not tell it from the cortex).
+        lesion_contrast: range of a hyperintense lesion's intensity above white matter (0.5 = 50% brighter).
+        hypo_contrast: range of a hypointense lesion's intensity below white matter (0.7 = 70% darker: between
+            grey matter and CSF, like the T1 "black holes" of multiple sclerosis; intensity alone does not tell it
+            from the sulci and ventricles). At 35–60% darker a lesion has the intensity of grey matter; the demo's
+            CNN then stayed at chance on those lesions however long it trained (docs/training.md).
+        polarity: ``"hyper"`` (brighter than white matter) or ``"hypo"`` (darker).
         rotation_deg, scale, translation_mm: ranges (±) of the random affine.
         elastic_mm: standard deviation of the elastic displacement at its control points (mm).
         bias: standard deviation of the log bias field; noise: range of the noise std (in white-matter units).
@@ -205,7 +208,7 @@ def make_subject(template: Template, seed: int, index: int, *, positive: bool,
                 rj = r if j == 0 else r * float(rng.uniform(0.45, 0.8))
                 dist = (grid - cj).norm(dim=-1)
                 occ = torch.maximum(occ, torch.sigmoid((rj - dist) / 1.0))
-            contrast = float(rng.uniform(*lesion_contrast))
+            contrast = float(rng.uniform(*(lesion_contrast if polarity == "hyper" else hypo_contrast)))
             lesion_occ = torch.maximum(lesion_occ, occ * brain)
             # Hyper- or hypointense lesion with a faint texture; replaces the tissue it occupies.
             texture = 1 + 0.08 * _smooth_field(rng, shape, 9, 1)[0]

@@ -77,11 +77,18 @@ class SliceCNN(nn.Module):
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k!r}")
         self.pooling, self.top_k, self.standardize = pooling, int(top_k), bool(standardize)
+        self._config = {"in_channels": int(in_channels), "widths": [int(c) for c in widths],
+                        "sharpness": float(sharpness), "norm": norm, "pooling": pooling, "top_k": int(top_k),
+                        "standardize": bool(standardize)}
         w = [int(in_channels)] + [int(c) for c in widths]
         self.norm = norm
         self.features = nn.Sequential(*[_block(w[i], w[i + 1], pool=i < 2, norm=norm) for i in range(4)])
         self.score = nn.Conv2d(w[-1], 1, 1)
         self.sharpness = float(sharpness)
+
+    def factory_kwargs(self) -> dict:
+        """The constructor's arguments (plain values): what :func:`tonno_fast.save_encoder` stores to rebuild it."""
+        return dict(self._config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
