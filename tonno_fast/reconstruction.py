@@ -62,9 +62,9 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .filters import check_filter
-from .geometry import Geometry, _positive_int
+from .geometry import Geometry
 from .ops import backproject, filtered_backprojection, radon
-from .validation import check_float_tensor, check_nonempty
+from .validation import check_float_tensor, check_nonempty, positive_int
 
 __all__ = ["reconstruct", "calibrate_scores", "check_reconstruction", "PlaneTransform", "plane_transform_norm",
            "METHODS", "ADJOINTS", "TRANSFORMS", "OPTIONS", "DEFAULT_TV"]
@@ -233,7 +233,7 @@ def plane_transform_norm(geometry: Geometry, *, backend: str = "auto", adjoint: 
             v = u / u.norm().clamp_min(torch.finfo(dtype).tiny)
         return lam.detach()
 
-    _positive_int(iterations, "iterations")
+    positive_int(iterations, "iterations")
     if iterations != _NORM_ITERATIONS:
         return compute()
     return _cached(_norm_cache, _NORM_CACHE_SIZE, _cache_key(geometry, backend, adjoint, dtype, device), compute)
@@ -415,9 +415,9 @@ def _check_options(method, *, filter, window, iterations, tol, x0, nonneg, tv, t
             raise ValueError(f"{', '.join(bad) or 'x0'} applies to the iterative methods {METHODS[1:]}, "
                              f"not to method='fbp'")
         return False, 0.0
-    _positive_int(iterations, "iterations")
-    _positive_int(tv_iterations, "tv_iterations")
-    _positive_int(check_every, "check_every")
+    positive_int(iterations, "iterations")
+    positive_int(tv_iterations, "tv_iterations")
+    positive_int(check_every, "check_every")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
         raise ValueError(f"tol must be None or a non-negative number, got {tol!r}")
     if not (isinstance(x0, torch.Tensor) or (isinstance(x0, str) and x0 in ("fbp", "zeros"))):
