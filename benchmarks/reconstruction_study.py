@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/reconstruction_study.py settings    # FISTA's tv / iterations / start at 16 dirs
     .venv/bin/python benchmarks/reconstruction_study.py cost        # loop cost vs one encoder pass, 64³
     .venv/bin/python benchmarks/reconstruction_study.py solvers     # FISTA against a Chambolle–Pock prototype
+    .venv/bin/python benchmarks/reconstruction_study.py demo --encoder ENCODER.pt   # Dice on the demo's subjects
 
 Every part prints a Markdown table (and ``--json FILE`` saves the numbers). Runs single-threaded by default
 (``--threads``): on a shared 2-core machine two OpenMP threads contending with other jobs made elementwise
@@ -12,6 +13,13 @@ torch ops 400× slower, and the demo's encoder runs on one thread too.
 
 :func:`dice_study` is the same comparison on real encoder scores with ground-truth masks: give it, per
 subject, the sinograms of the same volume at several direction counts with their geometries, and the masks.
+
+The ``demo`` part runs it on the demo's subjects and a trained encoder bundle (``make demo`` writes them;
+nilearn needed): the reconstruction settings are chosen on *selection* subjects (the demo's generator, indices
+7000–7015, disjoint from its training, validation and test subjects), at 16 directions, by mean Dice at the
+best threshold; then every method is reported on the demo's held-out *test* subjects with lesions at 8, 16, 32
+and 64 directions. Each subject is scored once per direction count; all methods reconstruct those sinograms.
+``demo`` is not part of the default run (it needs ``--encoder``).
 """
 from __future__ import annotations
 
@@ -207,8 +215,9 @@ def dice_study(cases: Sequence[Dict], methods: Dict[str, tuple] = METHODS, *,
         quantiles: ground-truth-free thresholds (top ``1 - q`` of the body's voxels) besides the best one.
 
     Returns:
-        One row per (direction count, method): mean and std of Dice at the best threshold and at each
-        quantile threshold, the encoder calls (slices per subject) and the reconstruction time per subject.
+        One row per (direction count, method): mean, std and per-subject list of Dice at the best threshold and
+        at each quantile threshold, the encoder calls (slices per subject) and the median reconstruction time
+        per subject.
     """
     counts = sorted(cases[0]["sinograms"])
     rows = []
@@ -229,10 +238,186 @@ def dice_study(cases: Sequence[Dict], methods: Dict[str, tuple] = METHODS, *,
             for rule, v in ev["mean"].items():
                 row[f"dice_{rule}"] = v["dice"]
                 row[f"dice_{rule}_std"] = ev["std"][rule]["dice"]
+                row[f"dice_{rule}_per_subject"] = [r[rule]["dice"] for r in ev["per_volume"]]
             rows.append(row)
             print(f"  {n:3d} dirs  {name:38s} Dice best {row['dice_best']:.3f} ± {row['dice_best_std']:.3f}",
                   flush=True)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo's encoder: settings chosen on selection subjects, Dice reported on the held-out test subjects
+# ---------------------------------------------------------------------------------------------------------
+#: Indices of the selection subjects in the demo's generator: disjoint from its training (0–127), validation
+#: (5000–5007) and test (10000–10011) subjects.
+SELECTION_START = 7_000
+SELECTION_SUBJECTS = 16
+
+# Stage 1 of the selection: score calibration (FISTA with its default tv 1e-3, 50 iterations).
+CALIBRATIONS: Dict[str, dict] = {
+    "none": {},
+    "baseline median": dict(score_baseline="median"),
+    "baseline q0.1": dict(score_baseline=0.1),
+    "sigmoid, baseline median": dict(score_transform="sigmoid", score_baseline="median"),
+    "softplus": dict(score_transform="softplus"),
+    "softplus, baseline median": dict(score_transform="softplus", score_baseline="median"),
+}
+# Stage 2: FISTA's tv with the best calibration of stage 1 (its default 1e-3 was measured in stage 1). Stage 3:
+# iterations with the best calibration and tv; SIRT and CGLS with the calibration, for comparison.
+TV_GRID = (0.0, 1e-2, 3e-2, 1e-1, 3e-1)
+ITERATION_GRID = (25, 100)
+
+def demo_subjects(which: str, cfg=None, template=None) -> list:
+    """The demo's subjects with lesions, made as the demo makes them.
+
+    Args:
+        which: ``"selection"`` (:data:`SELECTION_SUBJECTS` subjects from index :data:`SELECTION_START`, the
+            positives among them) or ``"test"`` (the demo's held-out test subjects, ``cfg.n_test`` from index
+            10000, the positives among them).
+        cfg: a :class:`tonno_fast.demo.run.DemoConfig` (default ``FULL``).
+        template: the template of ``cfg.resolution`` (loaded if not given).
+
+    Returns:
+        The :class:`tonno_fast.demo.data.Subject` objects with ``label == 1``.
+    """
+    from tonno_fast.demo.data import load_template, make_population
+    from tonno_fast.demo.run import FULL
+
+    cfg = FULL if cfg is None else cfg
+    template = load_template(cfg.resolution) if template is None else template
+    lesions = dict(lesion_radius=cfg.lesion_radius, hypointense_fraction=cfg.hypointense_fraction)
+    if which == "selection":
+        subjects = make_population(template, SELECTION_SUBJECTS, cfg.seed, start=SELECTION_START, **lesions)
+    elif which == "test":
+        subjects = make_population(template, cfg.n_test, cfg.seed, start=10_000,
+                                   positive_fraction=cfg.test_positive_fraction, **lesions)
+    else:
+        raise ValueError(f"which must be 'selection' or 'test', got {which!r}")
+    return [s for s in subjects if s.label == 1]
+
+
+def demo_cases(subjects: Sequence, encoder, cfg=None, directions: Sequence[int] = DIRECTIONS) -> List[Dict]:
+    """Cases for :func:`dice_study`: each subject scored once per direction count, as the demo's ToNNO rows
+    score it (``make_geometry`` with the config's slice size, pixel spacing = slice spacing, slice count).
+
+    Args:
+        subjects: demo subjects (:func:`demo_subjects`), volumes ``(D, H, W)`` (z, y, x) with spacing in mm.
+        encoder: an :class:`~tonno_fast.Encoder` (e.g. from :func:`tonno_fast.load_encoder`) or any callable
+            ``(M, C, h, w) → (M,)``.
+        cfg: the :class:`~tonno_fast.demo.run.DemoConfig` whose geometry is used (default ``FULL``).
+        directions: direction counts.
+
+    Returns:
+        One dict per subject: ``"sinograms"`` ``{n: (sinogram (1, 1, n, S), geometry)}``, ``"mask"`` (lesion,
+        bool ``(D, H, W)``), ``"body_mask"`` (brain), ``"encoding_seconds"`` ``{n: seconds}``.
+    """
+    from tonno_fast.demo.run import FULL
+
+    cfg = FULL if cfg is None else cfg
+    cases = []
+    for s in subjects:
+        vol = torch.from_numpy(s.image)
+        sinos, enc_s = {}, {}
+        for n in directions:
+            g = tf.make_geometry(tuple(vol.shape), spacing=s.spacing, n_directions=n, slice_size=cfg.slice_size,
+                                 pixel_spacing=cfg.pixel_spacing, slice_spacing=cfg.pixel_spacing,
+                                 n_slices=cfg.n_slices)
+            sino, enc_s[n] = _timed(lambda: tf.encode_slices(vol[None, None], g, encoder))
+            sinos[n] = (sino, g)
+        cases.append(dict(sinograms=sinos, mask=torch.from_numpy(s.lesion), body_mask=torch.from_numpy(s.brain),
+                          encoding_seconds=enc_s))
+    return cases
+
+
+def _at(cases: Sequence[Dict], directions: Sequence[int]) -> List[Dict]:
+    """The cases restricted to some direction counts."""
+    return [dict(c, sinograms={n: c["sinograms"][n] for n in directions}) for c in cases]
+
+
+def _best(rows: List[Dict], names: Sequence[str]) -> str:
+    """The method among ``names`` with the highest mean Dice at the best threshold (first on ties)."""
+    by_name = {r["method"]: r["dice_best"] for r in rows}
+    return max(names, key=lambda name: (by_name[name], -list(names).index(name)))
+
+
+def select_settings(cases: Sequence[Dict], n_directions: int = 16) -> Dict:
+    """Choose FISTA's settings on selection ``cases`` at ``n_directions``, by mean Dice at the best threshold, in
+    three stages: the score calibration (:data:`CALIBRATIONS`, default tv), then ``tv`` (:data:`TV_GRID`) with
+    that calibration, then ``iterations`` (:data:`ITERATION_GRID`, against the default 50) with both; SIRT and
+    CGLS with the chosen calibration are measured alongside.
+
+    Returns ``{"rows": dice_study rows, "calibration": name, "chosen": row name, "fista": reconstruct kwargs}``.
+    """
+    at = _at(cases, (n_directions,))
+    fbp = {"FBP ramp2": ("fbp", {}), "FBP ramp2 + Hann": ("fbp", dict(window="hann"))}
+    fista = {f"FISTA, {name}": ("fista", dict(kw, tv=R.DEFAULT_TV)) for name, kw in CALIBRATIONS.items()}
+    rows = dice_study(at, {**fbp, **fista})
+    best = _best(rows, list(fista))
+    calibration = best[len("FISTA, "):]
+    cal = CALIBRATIONS[calibration]
+    stage2 = {f"FISTA, {calibration}, tv {tv:g}": ("fista", dict(cal, tv=tv)) for tv in TV_GRID}
+    rows += dice_study(at, stage2)
+    fista.update(stage2)
+    best = _best(rows, [best] + list(stage2))
+    kw = fista[best][1]
+    stage3 = {f"{best}, {it} iterations": ("fista", dict(kw, iterations=it)) for it in ITERATION_GRID}
+    rows += dice_study(at, {**stage3, f"SIRT, {calibration}": ("sirt", dict(cal)),
+                            f"CGLS, {calibration}": ("cgls", dict(cal))})
+    fista.update(stage3)
+    chosen = _best(rows, [best] + list(stage3))
+    kw = dict(fista[chosen][1])
+    print(f"  chosen: {chosen} -> reconstruct(..., 'fista', **{kw})", flush=True)
+    return dict(rows=rows, calibration=calibration, chosen=chosen, fista=kw)
+
+
+def _label(kw: dict) -> str:
+    return ", ".join(f"{k.replace('score_', '')} {v}" for k, v in kw.items()) or "no calibration"
+
+
+def reported_methods(fista: dict) -> Dict[str, tuple]:
+    """The rows reported on the test subjects: FBP, FBP + Hann, FISTA with the library's defaults (no score
+    calibration, tv 1e-3) and the chosen FISTA (``reconstruct`` kwargs ``fista``), with the exact and the
+    ``backproject`` adjoint. (SIRT and CGLS, below FBP + Hann on the selection subjects at the same cost as
+    FISTA, are left out.)"""
+    return {
+        "FBP ramp2": ("fbp", {}),
+        "FBP ramp2 + Hann": ("fbp", dict(window="hann")),
+        "FISTA, library defaults": ("fista", {}),
+        f"FISTA, {_label(fista)}": ("fista", dict(fista)),
+        "same FISTA, backproject adjoint": ("fista", dict(fista, adjoint="backproject")),
+    }
+
+
+def demo_study(encoder_path: str, *, chosen: Optional[dict] = None, directions: Sequence[int] = DIRECTIONS,
+               selection_only: bool = False) -> Dict:
+    """The ``demo`` part: selection (unless ``chosen`` gives FISTA's reconstruct kwargs), then the test table."""
+    from tonno_fast.demo.data import load_template
+    from tonno_fast.demo.run import FULL
+
+    encoder = tf.load_encoder(encoder_path, batch_size=64)
+    template = load_template(FULL.resolution)
+    out: Dict = {"encoder": str(encoder_path)}
+    if chosen is None:
+        subjects = demo_subjects("selection", template=template)
+        print(f"## selection: {len(subjects)} subjects with lesions (indices {SELECTION_START}–"
+              f"{SELECTION_START + SELECTION_SUBJECTS - 1}), 16 directions", flush=True)
+        sel = select_settings(demo_cases(subjects, encoder, directions=(16,)))
+        print(_table(sel["rows"], ["method", "dice_best", "dice_best_std", "dice_q0.99", "dice_q0.99_std",
+                                   "seconds"]))
+        out["selection"] = sel
+        chosen = sel["fista"]
+        if selection_only:
+            return out
+    subjects = demo_subjects("test", template=template)
+    print(f"## test: the demo's {len(subjects)} held-out subjects with lesions; FISTA {chosen}", flush=True)
+    cases = demo_cases(subjects, encoder, directions=directions)
+    rows = dice_study(cases, reported_methods(chosen))
+    for r in rows:
+        r["encoding_seconds"] = statistics.median(c["encoding_seconds"][r["directions"]] for c in cases)
+    print(_table(rows, ["directions", "method", "dice_best", "dice_best_std", "dice_q0.99", "dice_q0.99_std",
+                        "seconds", "encoding_seconds", "encoder_calls"]))
+    out["test"] = dict(fista=chosen, rows=rows, subjects=len(cases))
+    return out
 
 
 def _table(rows: List[Dict], cols: Sequence[str]) -> str:
@@ -248,15 +433,21 @@ def _table(rows: List[Dict], cols: Sequence[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["identity", "settings", "cost", "solvers"]
-    ap.add_argument("parts", nargs="*", metavar="PART", help=f"any of {parts} (default: all)")
+    parts = ["identity", "settings", "cost", "solvers", "demo"]
+    ap.add_argument("parts", nargs="*", metavar="PART", help=f"any of {parts} (default: all but demo)")
+    ap.add_argument("--encoder", metavar="BUNDLE", help="demo: the encoder bundle (e.g. the demo's bag encoder)")
+    ap.add_argument("--chosen", metavar="JSON", help="demo: FISTA's reconstruct kwargs, skipping the selection "
+                                                     "(e.g. '{\"tv\": 0.001, \"score_baseline\": \"median\"}')")
+    ap.add_argument("--selection-only", action="store_true", help="demo: stop after the selection")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     bad = sorted(set(args.parts) - set(parts))
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {parts}")
-    args.parts = args.parts or parts
+    args.parts = args.parts or parts[:-1]
+    if "demo" in args.parts and not args.encoder:
+        ap.error("the demo part needs --encoder BUNDLE")
     torch.set_num_threads(args.threads)
     results = {}
     if "identity" in args.parts:
@@ -274,6 +465,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("## FISTA vs Chambolle–Pock, 16 directions, tv 1e-3, 50 iterations")
         results["solvers"] = solver_study()
         print(_table(results["solvers"], ["solver", "objective", "rel_error", "seconds"]))
+    if "demo" in args.parts:
+        results["demo"] = demo_study(args.encoder, chosen=None if args.chosen is None else json.loads(args.chosen),
+                                     selection_only=args.selection_only)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -31,6 +31,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .validation import positive_int
+
 __all__ = [
     "Geometry",
     "fibonacci_directions",
@@ -76,8 +78,7 @@ def fibonacci_directions(n: int, dtype=torch.float64) -> torch.Tensor:
 
     ``z_k = 1 - (k + 1/2)/n`` (equal-area bands) and azimuth ``k`` times the golden angle.
     """
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n_directions must be a positive integer, got {n!r}")
+    positive_int(n, "n_directions")
     k = torch.arange(n, dtype=torch.float64)
     z = 1.0 - (k + 0.5) / n
     r = torch.sqrt(torch.clamp(1.0 - z * z, min=0.0))
@@ -172,12 +173,6 @@ def _covering_count(radius: float, step: float) -> int:
     Odd so that offset 0 (the volume centre) is always sampled. 64³ at 1 mm gives 111.
     """
     return 2 * max(0, math.ceil(radius / step - 0.5)) + 1
-
-
-def _positive_int(x, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-        raise ValueError(f"{name} must be a positive integer, got {x!r}")
-    return int(x)
 
 
 def _positive_float(x, name: str) -> float:
@@ -333,20 +328,20 @@ def make_geometry(volume_shape: Sequence[int], *, spacing=None, n_directions: in
         h = w_px = _covering_count(radius, delta)
     else:
         if isinstance(slice_size, (int, np.integer)) and not isinstance(slice_size, bool):
-            h = w_px = _positive_int(slice_size, "slice_size")
+            h = w_px = positive_int(slice_size, "slice_size")
         else:
             try:
                 h, w_px = slice_size
             except (TypeError, ValueError):
                 raise ValueError(f"slice_size must be an int or a pair (h, w), got {slice_size!r}") from None
-            h = _positive_int(h, "slice_size[0]")
-            w_px = _positive_int(w_px, "slice_size[1]")
+            h = positive_int(h, "slice_size[0]")
+            w_px = positive_int(w_px, "slice_size[1]")
         if pixel_spacing is None:
             delta = 2 * radius / min(h, w_px)
         else:
             delta = _positive_float(pixel_spacing, "pixel_spacing")
     ds = min(spacing) if slice_spacing is None else _positive_float(slice_spacing, "slice_spacing")
-    S = _covering_count(radius, ds) if n_slices is None else _positive_int(n_slices, "n_slices")
+    S = _covering_count(radius, ds) if n_slices is None else positive_int(n_slices, "n_slices")
     return Geometry(shape, spacing, frames, w, S, h, w_px, float(delta), float(ds))
 
 

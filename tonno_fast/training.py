@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import distributed as du
 from .evaluation import roc_auc
 from .sampler import BagBatch, ObliqueSliceSampler
+from .validation import positive_int
 
 __all__ = ["train_encoder", "evaluate_encoder", "pool_bags", "TrainingHistory", "OBJECTIVES", "POOLINGS"]
 
@@ -112,14 +113,6 @@ class TrainingHistory(list):
     def warn(self, step: int, message: str) -> None:
         self.warnings.append({"step": int(step), "message": message})
         log.warning("step %d: %s", step, message)
-
-
-def _check_positive_int(x, name: str, allow_none: bool = False):
-    if x is None and allow_none:
-        return None
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {x!r}")
-    return int(x)
 
 
 class _Ranks:
@@ -286,10 +279,10 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
     """
     if steps is None and seconds is None:
         raise ValueError("give steps (optimiser steps) or seconds (a time budget), or both")
-    steps = _check_positive_int(steps, "steps", allow_none=True)
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    log_every = _check_positive_int(log_every, "log_every")
-    validate_every = _check_positive_int(validate_every, "validate_every")
+    steps = positive_int(steps, "steps", allow_none=True)
+    batch_size = positive_int(batch_size, "batch_size")
+    log_every = positive_int(log_every, "log_every")
+    validate_every = positive_int(validate_every, "validate_every")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if pooling not in POOLINGS:
@@ -298,11 +291,11 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
     if not (float(slice_weight) >= 0 and math.isfinite(float(slice_weight))):
         raise ValueError(f"slice_weight must be a non-negative number, got {slice_weight!r}")
-    bags_per_step = _check_positive_int(bags_per_step, "bags_per_step", allow_none=True)
+    bags_per_step = positive_int(bags_per_step, "bags_per_step", allow_none=True)
     monitor = monitor or ("loss" if objective == "bag" else "auc")
     if monitor not in MONITORS:
         raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
-    patience = _check_positive_int(patience, "patience", allow_none=True)
+    patience = positive_int(patience, "patience", allow_none=True)
     if patience is not None and validation is None:
         raise ValueError("patience needs a validation sampler (validation=...)")
 
@@ -336,7 +329,7 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         history.encoder = encoder
         validator = None
         if validation is not None and ranks.is_main:
-            validator = _Validator(validation, _check_positive_int(validation_size, "validation_size"), bag_size,
+            validator = _Validator(validation, positive_int(validation_size, "validation_size"), bag_size,
                                    bag_spacing, pooling, float(pooling_r), 256)
         _train_loop(encoder, model, ranks, sampler, history, validator, validation is not None, steps=steps, seconds=seconds, batch_size=batch_size,
                     objective=objective, bags_per_step=bags_per_step, bag_size=bag_size, bag_spacing=bag_spacing,

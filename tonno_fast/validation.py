@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["as_volume5d", "scan_and_spacing", "ScanInput", "NonFiniteError", "check_volume5d", "compute_dtype", "check_float_tensor", "check_nonempty",
-           "check_same_device", "finite_float", "FLOAT_DTYPES"]
+           "check_same_device", "finite_float", "positive_int", "FLOAT_DTYPES"]
 
 #: dtypes every operator computes in.
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -163,6 +163,16 @@ def finite_float(x, name: str) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def positive_int(x, name: str, *, allow_none: bool = False) -> Optional[int]:
+    """``x`` as a Python int if it is a positive integer (``int`` or NumPy integer; ``bool`` refused), else
+    ``ValueError`` naming ``name``. With ``allow_none``, ``None`` passes through."""
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {x!r}")
+    return int(x)
 
 
 def check_volume5d(volume: torch.Tensor, name: str, spatial: Optional[Sequence[int]] = None) -> None:
