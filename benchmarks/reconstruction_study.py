@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/reconstruction_study.py settings    # FISTA's tv / iterations / start at 16 dirs
     .venv/bin/python benchmarks/reconstruction_study.py cost        # loop cost vs one encoder pass, 64³
     .venv/bin/python benchmarks/reconstruction_study.py solvers     # FISTA against a Chambolle–Pock prototype
-    .venv/bin/python benchmarks/reconstruction_study.py demo --encoder ENCODER.pt   # Dice on the demo's subjects
+    .venv/bin/python benchmarks/reconstruction_study.py demo --encoder ENCODER.pt  # Dice on the demo's subjects (40 min)
 
 Every part prints a Markdown table (and ``--json FILE`` saves the numbers). Runs single-threaded by default
 (``--threads``): on a shared 2-core machine two OpenMP threads contending with other jobs made elementwise
@@ -19,7 +19,8 @@ nilearn needed): the reconstruction settings are chosen on *selection* subjects 
 7000–7015, disjoint from its training, validation and test subjects), at 16 directions, by mean Dice at the
 best threshold; then every method is reported on the demo's held-out *test* subjects with lesions at 8, 16, 32
 and 64 directions. Each subject is scored once per direction count; all methods reconstruct those sinograms.
-``demo`` is not part of the default run (it needs ``--encoder``).
+``demo`` is not part of the default run (it needs ``--encoder``; on a busy 2-core machine the selection and the test
+took about 20 min each; ``--chosen`` skips the selection, ``--selection-only`` the test).
 """
 from __future__ import annotations
 
