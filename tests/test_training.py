@@ -176,28 +176,18 @@ def test_chance_level_warnings_and_early_stopping(caplog):
     assert all(abs(h["loss"] - math.log(2)) < 1e-6 for h in hist)
 
 
-def test_best_weights_are_kept():
+@pytest.mark.parametrize("monitor, pick, tol", [("auc", max, 1e-12), ("loss", min, 1e-6)])
+def test_best_weights_are_kept(monitor, pick, tol):
+    # The weights of the best validation number: the highest AUC, or the lowest validation bag loss.
     val = _sampler(1)
     hist = train_encoder(_net, _sampler(0), steps=40, batch_size=32, objective="bag", lr=0.03, seed=1,
-                         validation=val, validate_every=10, validation_size=16, monitor="auc")
-    best = max(hist.validation, key=lambda v: v["auc"])
-    assert hist.best == {"step": best["step"], "auc": best["auc"]}
+                         validation=val, validate_every=10, validation_size=16, monitor=monitor)
+    best = pick(hist.validation, key=lambda v: v[monitor])
+    assert hist.best == {"step": best["step"], monitor: best[monitor]}
     # The encoder handed back scores the validation set exactly as at the best step.
     from tonno_fast.training import _Validator
     again = _Validator(val, 16, None, None, "lse", 5.0, 256)(hist.encoder)
-    assert again["auc"] == pytest.approx(best["auc"], abs=1e-12)
-
-
-def test_best_weights_by_validation_loss():
-    # monitor="loss": the weights of the lowest validation bag loss (not the last, not the best AUC).
-    val = _sampler(1)
-    hist = train_encoder(_net, _sampler(0), steps=40, batch_size=32, objective="bag", lr=0.03, seed=1,
-                         validation=val, validate_every=10, validation_size=16, monitor="loss")
-    best = min(hist.validation, key=lambda v: v["loss"])
-    assert hist.best == {"step": best["step"], "loss": best["loss"]}
-    from tonno_fast.training import _Validator
-    again = _Validator(val, 16, None, None, "lse", 5.0, 256)(hist.encoder)
-    assert again["loss"] == pytest.approx(best["loss"], abs=1e-6)
+    assert again[monitor] == pytest.approx(best[monitor], abs=tol)
 
 
 def test_bad_training_arguments():
