@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -101,11 +102,20 @@ inline bool line_taps3(const T x[3], const T step[3], int64_t j, int64_t n0, int
 
 // The row of points M @ (a, b, j, 1), j = 0, 1, ...: its start x = M @ (a, b, 0, 1) and its step M[:, 2]
 // (M row-major 3x4). Every kernel walks its sampling grids by such rows (see plan_row below).
+//
+// x is maths::apply_row with its one ambiguous contraction written out: r[0] a + r[1] b may be fused either
+// way (fma(r[1], b, r[0] a) or fma(r[0], a, r[1] b)), and GCC picked per axis and per kernel, differently
+// after unrelated edits (slice_volume's float32 samples moved by up to 1.5e-5 when only its corner fetch
+// changed). Fused explicitly, the rounding of the row start, hence of every sample, no longer depends on the
+// surrounding code, so a kernel change can be checked bitwise against the previous build. The c = 0 term
+// stays, so non-finite map entries give non-finite points as in apply_row.
 template <typename T>
 inline void map_row(const T* M, T a, T b, T x[3], T step[3]) {
+  using std::fma;
   for (int ax = 0; ax < 3; ++ax) {
-    x[ax] = maths::apply_row(M + 4 * ax, a, b, T(0));
-    step[ax] = M[4 * ax + 2];
+    const T* r = M + 4 * ax;
+    x[ax] = fma(r[2], T(0), fma(r[1], b, r[0] * a)) + r[3];
+    step[ax] = r[2];
   }
 }
 
