@@ -194,20 +194,19 @@ inline InteriorTaps<T>& interior_taps(const T x[3], const T step[3], int64_t n0,
 
 #if TF_SIMD_AVX2
 // Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): o[j] = trilinear_interior(v, off[j], ...)
-// with the eight corners read as four pairs of adjacent values along the last axis (simd::gather_pairs: half
-// the element loads of eight gathers); the same expression (maths::trilinear_corners), lane by lane, as the
-// scalar loop. Returns the number of points written.
+// with the eight corners read as four pairs of adjacent values along the last axis (simd::load_pairs: 64-bit
+// loads instead of gathers); the same expression (maths::trilinear_corners), lane by lane, as the scalar loop.
+// Returns the number of points written.
 inline int32_t sample_interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
                                      const float* f1, const float* f2, int32_t m, float* o) {
   using simd::F32x8;
   int32_t j = 0;
   for (; j + 8 <= m; j += 8) {
-    const simd::I32x8 i = simd::pair_order(simd::I32x8::load(off + j));
     F32x8 v000, v001, v010, v011, v100, v101, v110, v111;
-    simd::gather_pairs(v, i, v000, v001);
-    simd::gather_pairs(v + s1, i, v010, v011);
-    simd::gather_pairs(v + s0, i, v100, v101);
-    simd::gather_pairs(v + s0 + s1, i, v110, v111);
+    simd::load_pairs(v, off + j, v000, v001);
+    simd::load_pairs(v + s1, off + j, v010, v011);
+    simd::load_pairs(v + s0, off + j, v100, v101);
+    simd::load_pairs(v + s0 + s1, off + j, v110, v111);
     maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j), F32x8::load(f1 + j),
                              F32x8::load(f2 + j))
         .store(o + j);
