@@ -193,12 +193,13 @@ inline InteriorTaps<T>& interior_taps(const T x[3], const T step[3], int64_t n0,
 }
 
 #if TF_SIMD_AVX2
-// Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): o[j] = trilinear_interior(v, off[j], ...)
-// with the eight corners read as four pairs of adjacent values along the last axis (simd::load_pairs: 64-bit
-// loads instead of gathers); the same expression (maths::trilinear_corners), lane by lane, as the scalar loop.
-// Returns the number of points written.
-inline int32_t sample_interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
-                                     const float* f1, const float* f2, int32_t m, float* o) {
+// Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): put(j, t) for j = 0, 8, 16, ..., with t the
+// eight values trilinear_interior(v, off[j + l], ...), l = 0..7, their corners read as four pairs of adjacent
+// values along the last axis (simd::load_pairs: 64-bit loads instead of gathers), by the same expression
+// (maths::trilinear_corners), lane by lane, as the scalar loops. Returns the number of points done.
+template <typename Put>
+inline int32_t interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
+                              const float* f1, const float* f2, int32_t m, const Put& put) {
   using simd::F32x8;
   int32_t j = 0;
   for (; j + 8 <= m; j += 8) {
@@ -207,9 +208,8 @@ inline int32_t sample_interior_pairs(const float* v, const int32_t* off, int32_t
     simd::load_pairs(v + s1, off + j, v010, v011);
     simd::load_pairs(v + s0, off + j, v100, v101);
     simd::load_pairs(v + s0 + s1, off + j, v110, v111);
-    maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j), F32x8::load(f1 + j),
-                             F32x8::load(f2 + j))
-        .store(o + j);
+    put(j, maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j),
+                                    F32x8::load(f1 + j), F32x8::load(f2 + j)));
   }
   return j;
 }
@@ -242,7 +242,7 @@ inline void sample_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nb
         int32_t j0 = 0;
 #if TF_SIMD_AVX2
         if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
-          j0 = sample_interior_pairs(v, off, s0, s1, f0, f1, f2, m, o);
+          j0 = interior_pairs(v, off, s0, s1, f0, f1, f2, m, [o](int32_t j, simd::F32x8 t) { t.store(o + j); });
         }
 #endif
 #pragma omp simd
@@ -327,8 +327,17 @@ inline void accumulate_row(const T* arr, int64_t n0, int64_t n1, int64_t n2, int
     for (int64_t q = 0; q < nq; ++q) {
       const T* __restrict v = arr + q * arr_sq;
       T* __restrict a = acc + q * acc_sq + r.k0;
+      int32_t j0 = 0;
+#if TF_SIMD_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        const simd::F32x8 wv(weight);
+        j0 = interior_pairs(v, off, s0, s1, f0, f1, f2, m, [a, wv](int32_t j, simd::F32x8 t) {
+          simd::fmadd(wv, t, simd::F32x8::load(a + j)).store(a + j);  // a[j] + weight * t, fused as GCC fuses it
+        });
+      }
+#endif
 #pragma omp simd
-      for (int32_t j = 0; j < m; ++j) a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
+      for (int32_t j = j0; j < m; ++j) a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
     }
   }
   const auto edge = [&](int64_t ja, int64_t jb) {
