@@ -337,7 +337,9 @@ inline void accumulate_row(const T* arr, int64_t n0, int64_t n1, int64_t n2, int
       }
 #endif
 #pragma omp simd
-      for (int32_t j = j0; j < m; ++j) a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
+      for (int32_t j = j0; j < m; ++j) {
+        a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
+      }
     }
   }
   const auto edge = [&](int64_t ja, int64_t jb) {
