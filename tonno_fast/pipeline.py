@@ -141,6 +141,18 @@ class _Timer:
         return _Ctx()
 
 
+def _store_batch(buffer: torch.Tensor, res: torch.Tensor, m0: int, a: int, n: int, k0: int, L: int) -> None:
+    """Write the results ``res`` ``(M, K, ...)`` of the flat slices ``m0 ≤ m < m0 + M`` of an item (``m`` runs
+    over ``(b, a + i, k0 + l)``, ``i < n``, ``l < L``, ``b`` slowest) into ``buffer`` ``(B, K, n_chunk, S, ...)``:
+    one copy per run of consecutive slices of one direction, straight from the encoder's output."""
+    m, end = m0, m0 + res.shape[0]
+    while m < end:
+        b, i, l = m // (n * L), (m // L) % n, m % L
+        run = min(end - m, L - l)
+        buffer[b, :, a + i, k0 + l:k0 + l + run] = res[m - m0:m - m0 + run].movedim(0, 1)
+        m += run
+
+
 def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], torch.Tensor],
                   finish: Callable[[int, int, torch.Tensor], None], *, stats=None,
                   batch_size: int = DEFAULT_BATCH_SIZE, max_memory: Optional[int] = None,
@@ -201,31 +213,31 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
                     with timer("slicing"):
                         x = encoder.assemble(slicer(a0, a1, k0 - halo, k1 + halo), stats)
                         flat = x.reshape(-1, *x.shape[3:])  # (B·n·L, c, h, w), b slowest
-                    with timer("encoder"):
-                        parts = []
-                        for m0 in range(0, flat.shape[0], batch_size):
-                            parts.append(compute(flat[m0:m0 + batch_size]))
-                            # Per batch: torch.cat below would fail with a message about tensors.
-                            if K is None:
-                                K = parts[-1].shape[1]
-                            elif parts[-1].shape[1] != K:
-                                raise ValueError(f"encoder returned {parts[-1].shape[1]} outputs per slice, "
-                                                 f"earlier {K}")
-                            if bar is not None:
-                                bar.update(parts[-1].shape[0])
-                        res = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    del x, flat, parts
-                    res = res.reshape(B, a1 - a0, k1 - k0, *res.shape[1:]).movedim(3, 1)  # (B,K,n,L,...)
-                    if buffer is None:
-                        if on_outputs is not None and n0 == 0:
-                            on_outputs(K)
-                        shape = (B, K, n1 - n0, S) + tuple(res.shape[4:])
-                        if storage is None:
-                            storage = torch.empty(math.prod((B, K, n_chunk) + shape[3:]), dtype=buffer_dtype,
-                                                  device=vol.device)
-                        buffer = storage[:math.prod(shape)].view(shape)
-                    buffer[:, :, a0 - n0:a1 - n0, k0:k1] = res
-                    del res
+                    for m0 in range(0, flat.shape[0], batch_size):
+                        batch = flat[m0:m0 + batch_size]
+                        with timer("encoder"):
+                            res = compute(batch)  # (M, K, ...)
+                        # Per batch: a mismatch would otherwise fail below with a message about tensors.
+                        if res.ndim < 2 or res.shape[0] != batch.shape[0]:
+                            raise ValueError(f"encoder returned shape {tuple(res.shape)} for {batch.shape[0]} slices, "
+                                             f"expected ({batch.shape[0]}, K, ...)")
+                        if K is None:
+                            K = res.shape[1]
+                        elif res.shape[1] != K:
+                            raise ValueError(f"encoder returned {res.shape[1]} outputs per slice, earlier {K}")
+                        if bar is not None:
+                            bar.update(res.shape[0])
+                        if buffer is None:
+                            if on_outputs is not None and n0 == 0:
+                                on_outputs(K)
+                            shape = (B, K, n1 - n0, S) + tuple(res.shape[2:])
+                            if storage is None:
+                                storage = torch.empty(math.prod((B, K, n_chunk) + shape[3:]), dtype=buffer_dtype,
+                                                      device=vol.device)
+                            buffer = storage[:math.prod(shape)].view(shape)
+                        _store_batch(buffer, res, m0, a0 - n0, a1 - a0, k0, k1 - k0)
+                        del batch, res
+                    del x, flat
             with timer("reconstruction"):
                 finish(n0, n1, buffer)
             del buffer

@@ -193,11 +193,15 @@ def _projected_cam(volume, encoder, *, target_layers, method, targets, reshape_t
     def finish(n0: int, n1: int, stack: torch.Tensor) -> None:  # stack (B, K, n, S, h, w)
         if matrix is not None:
             # Filter along S as one matmul per column piece, in the stack's own layout (no transposition); the
-            # temporary (one piece) stays under a quarter of the budget.
+            # temporary (one piece) stays under a quarter of the budget. When one piece holds every column, the
+            # product itself is the filtered stack (no copy back into the buffer).
             flat = stack.view(B * K, n1 - n0, S, h * w)
             cols = max(1, min(h * w, (budget // 4) // max(1, B * K * (n1 - n0) * S * elem)))
-            for c0 in range(0, h * w, cols):
-                flat[..., c0:c0 + cols] = torch.matmul(matrix, flat[..., c0:c0 + cols])
+            if cols == h * w:
+                stack = torch.matmul(matrix, flat).view(stack.shape)
+            else:
+                for c0 in range(0, h * w, cols):
+                    flat[..., c0:c0 + cols] = torch.matmul(matrix, flat[..., c0:c0 + cols])
         acc.add_(backproject_slices(stack, part.with_directions(slice(n0, n1)), weights=scale[n0:n1],
                                     backend=backend))
 

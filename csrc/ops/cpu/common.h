@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -101,11 +102,20 @@ inline bool line_taps3(const T x[3], const T step[3], int64_t j, int64_t n0, int
 
 // The row of points M @ (a, b, j, 1), j = 0, 1, ...: its start x = M @ (a, b, 0, 1) and its step M[:, 2]
 // (M row-major 3x4). Every kernel walks its sampling grids by such rows (see plan_row below).
+//
+// x is maths::apply_row with its one ambiguous contraction written out: r[0] a + r[1] b may be fused either
+// way (fma(r[1], b, r[0] a) or fma(r[0], a, r[1] b)), and GCC picked per axis and per kernel, differently
+// after unrelated edits (slice_volume's float32 samples moved by up to 1.5e-5 when only its corner fetch
+// changed). Fused explicitly, the rounding of the row start, hence of every sample, no longer depends on the
+// surrounding code, so a kernel change can be checked bitwise against the previous build. The c = 0 term
+// stays, so non-finite map entries give non-finite points as in apply_row.
 template <typename T>
 inline void map_row(const T* M, T a, T b, T x[3], T step[3]) {
+  using std::fma;
   for (int ax = 0; ax < 3; ++ax) {
-    x[ax] = maths::apply_row(M + 4 * ax, a, b, T(0));
-    step[ax] = M[4 * ax + 2];
+    const T* r = M + 4 * ax;
+    x[ax] = fma(r[2], T(0), fma(r[1], b, r[0] * a)) + r[3];
+    step[ax] = r[2];
   }
 }
 
@@ -183,24 +193,23 @@ inline InteriorTaps<T>& interior_taps(const T x[3], const T step[3], int64_t n0,
 }
 
 #if TF_SIMD_AVX2
-// Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): o[j] = trilinear_interior(v, off[j], ...)
-// with the eight corners read as four pairs of adjacent values along the last axis (simd::gather_pairs: half
-// the element loads of eight gathers); the same expression (maths::trilinear_corners), lane by lane, as the
-// scalar loop. Returns the number of points written.
-inline int32_t sample_interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
-                                     const float* f1, const float* f2, int32_t m, float* o) {
+// Interior points [0, 8 * (m / 8)) of a float32 row (interior_taps): put(j, t) for j = 0, 8, 16, ..., with t the
+// eight values trilinear_interior(v, off[j + l], ...), l = 0..7, their corners read as four pairs of adjacent
+// values along the last axis (simd::load_pairs: 64-bit loads instead of gathers), by the same expression
+// (maths::trilinear_corners), lane by lane, as the scalar loops. Returns the number of points done.
+template <typename Put>
+inline int32_t interior_pairs(const float* v, const int32_t* off, int32_t s0, int32_t s1, const float* f0,
+                              const float* f1, const float* f2, int32_t m, const Put& put) {
   using simd::F32x8;
   int32_t j = 0;
   for (; j + 8 <= m; j += 8) {
-    const simd::I32x8 i = simd::pair_order(simd::I32x8::load(off + j));
     F32x8 v000, v001, v010, v011, v100, v101, v110, v111;
-    simd::gather_pairs(v, i, v000, v001);
-    simd::gather_pairs(v + s1, i, v010, v011);
-    simd::gather_pairs(v + s0, i, v100, v101);
-    simd::gather_pairs(v + s0 + s1, i, v110, v111);
-    maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j), F32x8::load(f1 + j),
-                             F32x8::load(f2 + j))
-        .store(o + j);
+    simd::load_pairs(v, off + j, v000, v001);
+    simd::load_pairs(v + s1, off + j, v010, v011);
+    simd::load_pairs(v + s0, off + j, v100, v101);
+    simd::load_pairs(v + s0 + s1, off + j, v110, v111);
+    put(j, maths::trilinear_corners(v000, v001, v010, v011, v100, v101, v110, v111, F32x8::load(f0 + j),
+                                    F32x8::load(f1 + j), F32x8::load(f2 + j)));
   }
   return j;
 }
@@ -233,7 +242,7 @@ inline void sample_row(const T* vol, int64_t D, int64_t H, int64_t W, int64_t nb
         int32_t j0 = 0;
 #if TF_SIMD_AVX2
         if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
-          j0 = sample_interior_pairs(v, off, s0, s1, f0, f1, f2, m, o);
+          j0 = interior_pairs(v, off, s0, s1, f0, f1, f2, m, [o](int32_t j, simd::F32x8 t) { t.store(o + j); });
         }
 #endif
 #pragma omp simd
@@ -318,8 +327,19 @@ inline void accumulate_row(const T* arr, int64_t n0, int64_t n1, int64_t n2, int
     for (int64_t q = 0; q < nq; ++q) {
       const T* __restrict v = arr + q * arr_sq;
       T* __restrict a = acc + q * acc_sq + r.k0;
+      int32_t j0 = 0;
+#if TF_SIMD_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        const simd::F32x8 wv(weight);
+        j0 = interior_pairs(v, off, s0, s1, f0, f1, f2, m, [a, wv](int32_t j, simd::F32x8 t) {
+          simd::fmadd(wv, t, simd::F32x8::load(a + j)).store(a + j);  // a[j] + weight * t, fused as GCC fuses it
+        });
+      }
+#endif
 #pragma omp simd
-      for (int32_t j = 0; j < m; ++j) a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
+      for (int32_t j = j0; j < m; ++j) {
+        a[j] += weight * maths::trilinear_interior<T, T, int32_t>(v, off[j], s0, s1, f0[j], f1[j], f2[j]);
+      }
     }
   }
   const auto edge = [&](int64_t ja, int64_t jb) {

@@ -4,8 +4,8 @@
 // The per-point formulas live once, in tonno_fast/maths.h, as templates over the value type: they call
 // clamp_low, clamp_high and to_int32 unqualified, so with F32x8 arguments the overloads below are found by
 // argument-dependent lookup and the same formula runs on eight points at once. What the vectors add is
-// how values are fetched (in-register permutes of a loaded window, pairs of adjacent values), which
-// scalar code and GCC's vectoriser cannot express.
+// how values are fetched (in-register permutes of a loaded window, pairs of adjacent values assembled from
+// 64-bit loads), which scalar code and GCC's vectoriser cannot express.
 //
 // TF_SIMD_AVX2 is 1 when the compiler targets AVX2 + FMA; otherwise kernels keep their portable loops
 // (which GCC vectorises as far as it can). Only float32 has vector paths; float64 takes the portable loops.
@@ -82,18 +82,19 @@ inline F32x8 window_gather(const float* p, int32_t m, I32x8 l) {
   return F32x8(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p + m), l.v));
 }
 
-// Adjacent pairs (p[i[k]], p[i[k] + 1]) for every lane k, lo[k] = p[i[k]], hi[k] = p[i[k] + 1]: two 4-lane
-// 64-bit gathers (vgatherdpd) and two shuffles instead of two 8-lane gathers, half the element loads (the
-// cost of a gather on Zen 4 is per element). i must be in the order of pair_order(indices) (lanes 0, 1, 4, 5,
-// 2, 3, 6, 7: the two gathers take lanes 0-1 and 4-5, 2-3 and 6-7, so that two in-lane shuffles restore the
-// natural order); permute once per vector, whatever the number of pairs read with it.
-inline I32x8 pair_order(I32x8 i) {
-  return I32x8(_mm256_permutevar8x32_epi32(i.v, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)));
-}
-inline void gather_pairs(const float* p, I32x8 i, F32x8& lo, F32x8& hi) {
-  const double* q = reinterpret_cast<const double*>(p);  // byte offset 4 * i: scale 4
-  const __m256 a = _mm256_castpd_ps(_mm256_i32gather_pd(q, _mm256_castsi256_si128(i.v), 4));
-  const __m256 b = _mm256_castpd_ps(_mm256_i32gather_pd(q, _mm256_extracti128_si256(i.v, 1), 4));
+// Adjacent pairs (p[o[k]], p[o[k] + 1]) for the eight offsets o[0..7]: lo[k] = p[o[k]], hi[k] = p[o[k] + 1].
+// Eight 64-bit loads assembled in registers (vmovq, vmovhpd, vinsertf128, two in-lane shuffles): on the
+// project's AMD EPYC this fetches the corners of a trilinear sample ~2.4x faster than two 4-lane 64-bit
+// gathers (vgatherdpd), and those ~1.05x faster than two 8-lane gathers (benchmarks/RESULTS.md, item 15).
+// Only the 16 floats p[o[k]], p[o[k] + 1] are read.
+inline void load_pairs(const float* p, const int32_t* o, F32x8& lo, F32x8& hi) {
+  const auto pair = [p](int32_t i) { return reinterpret_cast<const double*>(p + i); };
+  const __m128d a0 = _mm_loadh_pd(_mm_load_sd(pair(o[0])), pair(o[1]));  // pairs 0, 1
+  const __m128d b0 = _mm_loadh_pd(_mm_load_sd(pair(o[2])), pair(o[3]));  // pairs 2, 3
+  const __m128d a1 = _mm_loadh_pd(_mm_load_sd(pair(o[4])), pair(o[5]));  // pairs 4, 5
+  const __m128d b1 = _mm_loadh_pd(_mm_load_sd(pair(o[6])), pair(o[7]));  // pairs 6, 7
+  const __m256 a = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(a0), a1, 1));
+  const __m256 b = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(b0), b1, 1));
   lo = F32x8(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
   hi = F32x8(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
