@@ -18,6 +18,14 @@ import tonno_fast as tf
 from tonno_fast import distributed as du
 
 
+def _write_report(path, data):
+    """Atomically (a file that exists is complete: the test tells a crash after the report from one before)."""
+    tmp = f"{path}.part"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
 def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -101,6 +109,7 @@ def main(out_path):
         weights = du.gather_objects(flat.tolist(), group)
         result["ddp_batches_differ"] = batches[0] != batches[1]
         result["ddp_weights_equal"] = weights[0] == weights[1]
+        del model, opt, loss  # DDP's reducer holds the process group: let it go before the group is destroyed
 
         # The cohort API under torchrun: a broken scan larger than the others (so the size-balanced shards give it
         # to rank 0 first), with and without fail_fast. Every rank gets the same report.
@@ -124,8 +133,7 @@ def main(out_path):
             merged = {}
             for r in gathered:
                 merged.update(r)
-            with open(out_path, "w") as fh:
-                json.dump(merged, fh)
+            _write_report(out_path, merged)
 
 
 def hang(folder):
@@ -217,8 +225,7 @@ def train(out_path):
             for key in ("loss", "validation", "best", "bag_steps", "bag_stopped", "bag_loss", "bag_best", "failure",
                         "mismatch"):
                 result[f"{key}_rank0"], result[f"{key}_rank1"] = r0[key], r1[key]
-            with open(out_path, "w") as fh:
-                json.dump(result, fh)
+            _write_report(out_path, result)
 
 
 if __name__ == "__main__":

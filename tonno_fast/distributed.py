@@ -141,10 +141,17 @@ def session(device="auto", *, backend: Optional[str] = None,
     group destroyed if this session created it (also after an exception, so no rank is left waiting in a
     half-torn group)."""
     ctx, dev, created = init_distributed(device, backend=backend, timeout=timeout)
+    finished = False
     try:
         yield ctx, dev
+        finished = True
     finally:
         if created and _initialized():
+            if finished:
+                # Every rank gets here before any rank closes its connections, so none tears its end down while
+                # a peer is still inside the block's last collective. Not after an exception: the other ranks
+                # may never arrive (all_or_none makes them raise too, but a bare exception does not).
+                torch.distributed.barrier(group=ctx.group)
             torch.distributed.destroy_process_group()
 
 
