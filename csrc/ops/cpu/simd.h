@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define TF_SIMD_AVX2 1
@@ -87,12 +88,19 @@ inline F32x8 window_gather(const float* p, int32_t m, I32x8 l) {
 // project's AMD EPYC this fetches the corners of a trilinear sample ~2.4x faster than two 4-lane 64-bit
 // gathers (vgatherdpd), and those ~1.05x faster than two 8-lane gathers (benchmarks/RESULTS.md, item 15).
 // Only the 16 floats p[o[k]], p[o[k] + 1] are read.
+// A pair is 8 bytes at a 4-byte-aligned address: it is copied (memcpy, which compiles to the same vmovsd /
+// vmovhpd) rather than read through a double*, which would be undefined behaviour for an odd index (UBSan
+// reports it as a misaligned load).
 inline void load_pairs(const float* p, const int32_t* o, F32x8& lo, F32x8& hi) {
-  const auto pair = [p](int32_t i) { return reinterpret_cast<const double*>(p + i); };
-  const __m128d a0 = _mm_loadh_pd(_mm_load_sd(pair(o[0])), pair(o[1]));  // pairs 0, 1
-  const __m128d b0 = _mm_loadh_pd(_mm_load_sd(pair(o[2])), pair(o[3]));  // pairs 2, 3
-  const __m128d a1 = _mm_loadh_pd(_mm_load_sd(pair(o[4])), pair(o[5]));  // pairs 4, 5
-  const __m128d b1 = _mm_loadh_pd(_mm_load_sd(pair(o[6])), pair(o[7]));  // pairs 6, 7
+  const auto pair = [p](int32_t i) {
+    double d;
+    std::memcpy(&d, p + i, sizeof d);
+    return d;
+  };
+  const __m128d a0 = _mm_set_pd(pair(o[1]), pair(o[0]));  // pairs 0, 1
+  const __m128d b0 = _mm_set_pd(pair(o[3]), pair(o[2]));  // pairs 2, 3
+  const __m128d a1 = _mm_set_pd(pair(o[5]), pair(o[4]));  // pairs 4, 5
+  const __m128d b1 = _mm_set_pd(pair(o[7]), pair(o[6]));  // pairs 6, 7
   const __m256 a = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(a0), a1, 1));
   const __m256 b = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(b0), b1, 1));
   lo = F32x8(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
