@@ -84,13 +84,13 @@ inline F32x8 window_gather(const float* p, int32_t m, I32x8 l) {
 }
 
 // Adjacent pairs (p[o[k]], p[o[k] + 1]) for the eight offsets o[0..7]: lo[k] = p[o[k]], hi[k] = p[o[k] + 1].
-// Eight 64-bit loads assembled in registers (vmovq, vmovhpd, vinsertf128, two in-lane shuffles): on the
+// Eight 64-bit loads assembled in registers (vmovq, vpinsrq, vinsertf128, two in-lane shuffles): on the
 // project's AMD EPYC this fetches the corners of a trilinear sample ~2.4x faster than two 4-lane 64-bit
-// gathers (vgatherdpd), and those ~1.05x faster than two 8-lane gathers (benchmarks/RESULTS.md, item 15).
+// gathers (vgatherdpd), and those ~1.05x faster than two 8-lane gathers (benchmarks/RESULTS.md, items 16 and 20).
 // Only the 16 floats p[o[k]], p[o[k] + 1] are read.
-// A pair is 8 bytes at a 4-byte-aligned address: it is copied (memcpy, which compiles to the same vmovsd /
-// vmovhpd) rather than read through a double*, which would be undefined behaviour for an odd index (UBSan
-// reports it as a misaligned load).
+// A pair is 8 bytes at a 4-byte-aligned address: it is copied (memcpy, which compiles to plain 64-bit loads)
+// rather than read through a double*, which would be undefined behaviour for an odd index (UBSan reports a
+// misaligned load); the two take the same time.
 inline void load_pairs(const float* p, const int32_t* o, F32x8& lo, F32x8& hi) {
   const auto pair = [p](int32_t i) {
     double d;
