@@ -249,11 +249,6 @@ def dice_study(cases: Sequence[Dict], methods: Dict[str, tuple] = METHODS, *,
 # ---------------------------------------------------------------------------------------------------------
 # The demo's encoder: settings chosen on selection subjects, Dice reported on the held-out test subjects
 # ---------------------------------------------------------------------------------------------------------
-#: Indices of the selection subjects in the demo's generator: disjoint from its training (0–127), validation
-#: (5000–5007) and test (10000–10011) subjects.
-SELECTION_START = 7_000
-SELECTION_SUBJECTS = 16
-
 # Stage 1 of the selection: score calibration (FISTA with its default tv 1e-3, 50 iterations).
 CALIBRATIONS: Dict[str, dict] = {
     "none": {},
@@ -272,34 +267,28 @@ def demo_subjects(which: str, cfg=None, template=None) -> list:
     """The demo's subjects with lesions, made as the demo makes them.
 
     Args:
-        which: ``"selection"`` (:data:`SELECTION_SUBJECTS` subjects from index :data:`SELECTION_START`, the
-            positives among them) or ``"test"`` (the demo's held-out test subjects, ``cfg.n_test`` from index
-            10000, the positives among them).
+        which: ``"selection"`` (the demo's selection subjects, indices 7000–7015, the positives among them) or
+            ``"test"`` (the demo's held-out test subjects, the positives among them); see
+            :func:`tonno_fast.demo.run.population`.
         cfg: a :class:`tonno_fast.demo.run.DemoConfig` (default ``FULL``).
         template: the template of ``cfg.resolution`` (loaded if not given).
 
     Returns:
         The :class:`tonno_fast.demo.data.Subject` objects with ``label == 1``.
     """
-    from tonno_fast.demo.data import load_template, make_population
-    from tonno_fast.demo.run import FULL
+    from tonno_fast.demo.data import load_template
+    from tonno_fast.demo.run import FULL, population
 
+    if which not in ("selection", "test"):
+        raise ValueError(f"which must be 'selection' or 'test', got {which!r}")
     cfg = FULL if cfg is None else cfg
     template = load_template(cfg.resolution) if template is None else template
-    lesions = dict(lesion_radius=cfg.lesion_radius, hypointense_fraction=cfg.hypointense_fraction)
-    if which == "selection":
-        subjects = make_population(template, SELECTION_SUBJECTS, cfg.seed, start=SELECTION_START, **lesions)
-    elif which == "test":
-        subjects = make_population(template, cfg.n_test, cfg.seed, start=10_000,
-                                   positive_fraction=cfg.test_positive_fraction, **lesions)
-    else:
-        raise ValueError(f"which must be 'selection' or 'test', got {which!r}")
-    return [s for s in subjects if s.label == 1]
+    return [s for s in population(template, cfg, which) if s.label == 1]
 
 
 def demo_cases(subjects: Sequence, encoder, cfg=None, directions: Sequence[int] = DIRECTIONS) -> List[Dict]:
     """Cases for :func:`dice_study`: each subject scored once per direction count, as the demo's ToNNO rows
-    score it (``make_geometry`` with the config's slice size, pixel spacing = slice spacing, slice count).
+    score it (:func:`tonno_fast.demo.run.subject_geometry`).
 
     Args:
         subjects: demo subjects (:func:`demo_subjects`), volumes ``(D, H, W)`` (z, y, x) with spacing in mm.
@@ -312,7 +301,7 @@ def demo_cases(subjects: Sequence, encoder, cfg=None, directions: Sequence[int] 
         One dict per subject: ``"sinograms"`` ``{n: (sinogram (1, 1, n, S), geometry)}``, ``"mask"`` (lesion,
         bool ``(D, H, W)``), ``"body_mask"`` (brain), ``"encoding_seconds"`` ``{n: seconds}``.
     """
-    from tonno_fast.demo.run import FULL
+    from tonno_fast.demo.run import FULL, subject_geometry
 
     cfg = FULL if cfg is None else cfg
     cases = []
@@ -320,9 +309,7 @@ def demo_cases(subjects: Sequence, encoder, cfg=None, directions: Sequence[int] 
         vol = torch.from_numpy(s.image)
         sinos, enc_s = {}, {}
         for n in directions:
-            g = tf.make_geometry(tuple(vol.shape), spacing=s.spacing, n_directions=n, slice_size=cfg.slice_size,
-                                 pixel_spacing=cfg.pixel_spacing, slice_spacing=cfg.pixel_spacing,
-                                 n_slices=cfg.n_slices)
+            g = subject_geometry(s, cfg, n)
             sino, enc_s[n] = _timed(lambda: tf.encode_slices(vol[None, None], g, encoder))
             sinos[n] = (sino, g)
         cases.append(dict(sinograms=sinos, mask=torch.from_numpy(s.lesion), body_mask=torch.from_numpy(s.brain),
@@ -393,15 +380,16 @@ def demo_study(encoder_path: str, *, chosen: Optional[dict] = None, directions: 
                selection_only: bool = False) -> Dict:
     """The ``demo`` part: selection (unless ``chosen`` gives FISTA's reconstruct kwargs), then the test table."""
     from tonno_fast.demo.data import load_template
-    from tonno_fast.demo.run import FULL
+    from tonno_fast.demo.run import FULL, SELECTION, STARTS
 
     encoder = tf.load_encoder(encoder_path, batch_size=64)
     template = load_template(FULL.resolution)
     out: Dict = {"encoder": str(encoder_path)}
     if chosen is None:
         subjects = demo_subjects("selection", template=template)
-        print(f"## selection: {len(subjects)} subjects with lesions (indices {SELECTION_START}–"
-              f"{SELECTION_START + SELECTION_SUBJECTS - 1}), 16 directions", flush=True)
+        first = STARTS["selection"]
+        print(f"## selection: {len(subjects)} subjects with lesions (indices {first}–{first + SELECTION - 1}), "
+              f"16 directions", flush=True)
         sel = select_settings(demo_cases(subjects, encoder, directions=(16,)))
         print(_table(sel["rows"], ["method", "dice_best", "dice_best_std", "dice_q0.99", "dice_q0.99_std",
                                    "seconds"]))

@@ -35,16 +35,17 @@ import torch
 
 from ..bundle import load_encoder, save_encoder
 from ..evaluation import evaluate_heatmaps
-from ..geometry import make_geometry
+from ..geometry import Geometry, make_geometry
 from ..io import save_nifti
 from ..ops import filtered_backprojection, radon
 from ..pipeline import encode_slices
 from ..sampler import ObliqueSliceSampler
 from ..training import evaluate_encoder, train_encoder
-from .data import Subject, load_template, make_population
+from .data import Subject, Template, load_template, make_population
 from .model import TARGET_LAYER, SliceCNN
 
-__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "main"]
+__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "main", "population", "subject_geometry", "STARTS",
+           "SELECTION"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,35 @@ QUICK = DemoConfig(resolution=6, n_train=16, n_val=4, n_test=4, test_positive_fr
                    pixel_spacing=6.0, n_slices=32, n_directions=16, cam_directions=8, steps=150, batch_size=32,
                    bag_spacing=12.0, seeds=2, validate_every=50, validation_bags=8, volumes_per_batch=4,
                    eval_slices=256, quantile=0.95, png_subjects=1)
+
+
+#: Where each part of the demo's subjects starts in the generator (``make_population(start=...)``); the parts are
+#: disjoint. "selection" (16 subjects from 7000) is for choosing settings (ToNNO's filter, the few-view study's
+#: reconstruction) on the training population, never on the test subjects.
+STARTS = {"train": 0, "validation": 5_000, "selection": 7_000, "test": 10_000}
+SELECTION = 16
+
+
+def population(template: Template, cfg: DemoConfig, part: str) -> List[Subject]:
+    """The demo's subjects of ``part``: ``"train"`` (``cfg.n_train``), ``"validation"`` (``cfg.n_val``),
+    ``"selection"`` (:data:`SELECTION`) or ``"test"`` (``cfg.n_test``, a ``cfg.test_positive_fraction`` of them
+    with lesions), made from ``template`` (:func:`load_template` at ``cfg.resolution``) with ``cfg.seed``."""
+    if part not in STARTS:
+        raise ValueError(f"part must be one of {tuple(STARTS)}, got {part!r}")
+    n = {"train": cfg.n_train, "validation": cfg.n_val, "selection": SELECTION, "test": cfg.n_test}[part]
+    extra = dict(positive_fraction=cfg.test_positive_fraction) if part == "test" else {}
+    return make_population(template, n, cfg.seed, start=STARTS[part], lesion_radius=cfg.lesion_radius,
+                           hypointense_fraction=cfg.hypointense_fraction, **extra)
+
+
+def subject_geometry(subject: Subject, cfg: DemoConfig, n_directions: int) -> Geometry:
+    """How the demo slices ``subject`` for its heatmaps: ``n_directions`` directions, ``cfg.n_slices`` slices of
+    ``cfg.slice_size`` pixels, pixels and slices ``cfg.pixel_spacing`` mm apart (the encoder's training
+    geometry)."""
+    return make_geometry(tuple(subject.image.shape), spacing=subject.spacing, n_directions=n_directions,
+                         slice_size=cfg.slice_size, pixel_spacing=cfg.pixel_spacing,
+                         slice_spacing=cfg.pixel_spacing, n_slices=cfg.n_slices)
+
 
 ORACLE = "Oracle (true plane integrals)"
 RAW = "Raw intensity (no model)"
@@ -211,11 +241,8 @@ def _heatmaps(subject: Subject, encoder, cfg: DemoConfig, timings: Dict[str, flo
 
     vol = torch.from_numpy(subject.image)
     sp = subject.spacing
-    geom = make_geometry(tuple(vol.shape), spacing=sp, n_directions=cfg.n_directions, slice_size=cfg.slice_size,
-                         pixel_spacing=cfg.pixel_spacing, slice_spacing=cfg.pixel_spacing, n_slices=cfg.n_slices)
-    cam_geom = make_geometry(tuple(vol.shape), spacing=sp, n_directions=cfg.cam_directions,
-                             slice_size=cfg.slice_size, pixel_spacing=cfg.pixel_spacing,
-                             slice_spacing=cfg.pixel_spacing, n_slices=cfg.n_slices)
+    geom = subject_geometry(subject, cfg, cfg.n_directions)
+    cam_geom = subject_geometry(subject, cfg, cfg.cam_directions)
     layer = [dict(encoder.model.named_modules())[TARGET_LAYER]]
     out: Dict[str, torch.Tensor] = {}
 
@@ -528,11 +555,7 @@ def _run_demo(cfg: DemoConfig, out_dir: Path, progress: bool, workers: int) -> D
     _log(f"[1/4] subjects from the MNI152 template bundled with nilearn, {cfg.resolution} mm")
     t0 = time.perf_counter()
     template = load_template(cfg.resolution)
-    lesions = dict(lesion_radius=cfg.lesion_radius, hypointense_fraction=cfg.hypointense_fraction)
-    train = make_population(template, cfg.n_train, cfg.seed, **lesions)
-    val = make_population(template, cfg.n_val, cfg.seed, start=5_000, **lesions)
-    test = make_population(template, cfg.n_test, cfg.seed, start=10_000,
-                           positive_fraction=cfg.test_positive_fraction, **lesions)
+    train, val, test = (population(template, cfg, part) for part in ("train", "validation", "test"))
     _log(f"      {cfg.n_train} training + {cfg.n_val} validation + {cfg.n_test} test subjects of "
          f"{template.shape} voxels ({time.perf_counter() - t0:.1f} s)")
 
