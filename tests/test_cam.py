@@ -10,6 +10,7 @@ from torch import nn
 
 import tonno_fast as tf
 from tonno_fast.cam import GradCAM, LayerCAM, PytorchGradCAM, gradcam, layercam, vit_reshape_transform
+from tonno_fast.cam.upsample import BilinearUpsampler
 
 from conftest import gaussian_blobs
 
@@ -211,6 +212,70 @@ def test_cam_pipelines_invariant_to_chunking_and_direction_order(fn):
     scale = float(ref.abs().max())
     for other in (small, shuffled):
         assert float((other - ref).abs().max()) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 16), (64, 64)), ((5, 7), (12, 9)), ((9, 6), (4, 5)),
+                                               ((1, 3), (2, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bilinear_upsampler_is_interpolate(size_in, size_out, dtype):
+    x = torch.randn(2, 3, *size_in, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    expect = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    up = BilinearUpsampler(size_out)
+    tol = (1e-12 if dtype == torch.float64 else 1e-6) * float(expect.abs().max())
+    got = up(x)
+    assert got.shape == expect.shape and got.dtype == dtype
+    torch.testing.assert_close(got, expect, rtol=0, atol=tol)
+    out = torch.full(expect.shape, float("nan"), dtype=dtype)
+    assert up(x[:, :, None].transpose(1, 2)[:, 0], out=out) is out  # a non-contiguous view of the same maps
+    torch.testing.assert_close(out, expect, rtol=0, atol=tol)
+
+
+def test_native_cams_at_the_layer_resolution():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    x = torch.randn(3, 1, 16, 12, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[0, 1]] * 3)  # two CAMs per slice
+    full = gradcam(net, x, [net[2]], targets=targets)
+    low = tf.cam.methods.compute_cams(net, x, [net[2]], tf.cam.methods.make_score_fn(targets, 3),
+                                      combine=tf.cam.methods._combine_gradcam, upsample=False)
+    assert low.shape == (3, 2, 8, 6) and full.shape == (3, 2, 16, 12)
+    torch.testing.assert_close(BilinearUpsampler((16, 12))(low), full, rtol=0, atol=1e-6 * float(full.abs().max()))
+    # layers of different resolutions: each is upsampled before they are averaged, as without upsample=False
+    both = tf.cam.methods.compute_cams(net, x, [net[0], net[2]], tf.cam.methods.make_score_fn(targets, 3),
+                                       combine=tf.cam.methods._combine_gradcam, upsample=False)
+    torch.testing.assert_close(both, gradcam(net, x, [net[0], net[2]], targets=targets))
+
+
+@pytest.mark.parametrize("fn", ["averaged", "tomographic"])
+def test_cam_pipelines_filter_and_backproject_maps_upsampled_late(fn, monkeypatch):
+    """Native CAMs stay at the layer's resolution until the stacks are filtered: the same volume as upsampling
+    every map first (float32 CAMs: to 1e-6 of the peak), whether the upsampled stacks are made a direction at a
+    time or a chunk at a time."""
+    from tonno_fast.cam import pipelines
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    enc = tf.Encoder(net, output=(0, 1))
+    vol = gaussian_blobs((12, 11, 10), dtype=torch.float64)
+    f = tf.averaged_cam if fn == "averaged" else tf.tomographic_cam
+    kw = dict(target_layers=[net[2]], n_directions=7, slice_size=(16, 14), spacing=(1.0, 1.1, 1.2))
+    calls = []
+    upsample = pipelines.BilinearUpsampler.__call__
+    monkeypatch.setattr(pipelines.BilinearUpsampler, "__call__",
+                        lambda self, x, out=None: calls.append(x.shape) or upsample(self, x, out))
+    late = f(vol, enc, **kw)
+    assert len(calls) == 1 and calls[0][-2:] == (8, 7), calls  # the whole chunk, at the layer's 8 × 7
+    monkeypatch.setattr(pipelines, "UPSAMPLE_BYTES", 1)  # one direction per upsampled piece
+    pieces = f(vol, enc, **kw)
+    assert len(calls) == 1 + 7 and all(c[2] == 1 for c in calls[1:]), calls
+    monkeypatch.setattr(tf.cam.methods._NativeCAM, "deferred_upsampling", False)
+    early = f(vol, enc, **kw)
+    assert len(calls) == 8  # maps upsampled by the CAM itself
+    scale = float(early.abs().max())
+    assert early.shape == (1, 2, 12, 11, 10) and scale > 0
+    for other in (late, pieces):
+        assert float((other - early).abs().max()) <= 1e-6 * scale
 
 
 def test_slicewise_cam_is_the_stack_of_axial_cams():

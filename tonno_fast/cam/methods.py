@@ -101,11 +101,15 @@ def _combine_layercam(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 def compute_cams(model: nn.Module, x: torch.Tensor, target_layers, score_fn: Callable, *, combine: Callable,
                  reshape_transform: Optional[Callable] = None, size: Optional[Tuple[int, int]] = None,
-                 autocast=None) -> torch.Tensor:
+                 autocast=None, upsample: bool = True) -> torch.Tensor:
     """Core of every native CAM: one forward pass, one backward per target, CAMs ``(M, K, H, W)`` float32.
 
     ``combine(A, G)`` maps float32 activations and gradients ``(M, C, h', w')`` to a CAM ``(M, h', w')``.
     ``size`` ``(H, W)`` defaults to the input's size; ``autocast`` is a context manager factory or ``None``.
+    ``upsample=False`` returns the maps at the target layers' resolution ``(M, K, h', w')`` when every layer
+    has the same one (the caller upsamples them bilinearly, ``align_corners=False``, to ``size``: the last,
+    linear step of the CAM, which commutes with any linear map across slices); layers of different
+    resolutions are upsampled to ``size`` as usual.
     """
     layers = resolve_target_layers(model, target_layers)
     if x.ndim != 4:
@@ -142,7 +146,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layers, score_fn: Cal
                          f"{getattr(scores, 'shape', type(scores).__name__)}")
     acts_t = [a[0] for a in acts]
     K = scores.shape[1]
-    cams = []
+    cams, resample = [], None  # resample: whether each layer's map is brought to `size` (decided on target 0)
     for k in range(K):
         grads = torch.autograd.grad(scores[:, k].sum(), acts_t, retain_graph=k < K - 1, allow_unused=True)
         per_layer = []
@@ -155,10 +159,13 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layers, score_fn: Cal
             if A.ndim != 4:
                 raise ValueError(f"target layer activations must be (M, C, h', w') (use reshape_transform for "
                                  f"token outputs), got shape {tuple(A.shape)}")
-            cam = combine(A.float(), G.float())
-            if tuple(cam.shape[-2:]) != size:
-                cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            per_layer.append(cam)
+            per_layer.append(combine(A.float(), G.float()))
+        if resample is None:
+            resample = upsample or len({tuple(c.shape[-2:]) for c in per_layer}) > 1
+        if resample:
+            per_layer = [c if tuple(c.shape[-2:]) == size else
+                         F.interpolate(c[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                         for c in per_layer]
         cams.append(torch.stack(per_layer).mean(dim=0) if len(per_layer) > 1 else per_layer[0])
     return torch.stack(cams, dim=1)
 
@@ -193,9 +200,16 @@ def vit_reshape_transform(height: int, width: int, n_prefix_tokens: int = 1) -> 
 
 class CAMMethod:
     """A CAM method as the pipelines call it: ``method(encoder, x) → (M, K, h, w)`` float32 on ``x``'s device,
-    for model-ready slices ``x`` ``(M, C_in, h, w)`` and the targets selected by ``encoder.output``."""
+    for model-ready slices ``x`` ``(M, C_in, h, w)`` and the targets selected by ``encoder.output``.
+
+    A method whose last step is a bilinear upsampling (``align_corners=False``) sets ``deferred_upsampling``
+    and accepts ``upsample=False``: it may then return its maps at their own resolution ``(M, K, h', w')``,
+    and the caller upsamples them. Tomographic CAM uses it to filter the stacks across slices before
+    upsampling (the two linear maps act on different axes and commute: the same result, with ``h·w / h'·w'``
+    times less filtering work)."""
 
     name = "cam"
+    deferred_upsampling = False
 
     def __call__(self, encoder, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -203,19 +217,21 @@ class CAMMethod:
 
 class _NativeCAM(CAMMethod):
     combine: Callable = None
+    deferred_upsampling = True
 
     def __init__(self, target_layers, reshape_transform: Optional[Callable] = None):
         self.target_layers = target_layers
         self.reshape_transform = reshape_transform
 
-    def __call__(self, encoder, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, encoder, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         device = encoder.device(x.device)
         xin = encoder.model_input(x, device)
         cams = compute_cams(encoder.model, xin, self.target_layers,
                             lambda out: encoder.select(out, xin.shape[0]),
                             combine=type(self).combine, reshape_transform=self.reshape_transform,
                             size=tuple(x.shape[-2:]),
-                            autocast=(lambda: encoder.autocast_context(device)) if encoder.autocast else None)
+                            autocast=(lambda: encoder.autocast_context(device)) if encoder.autocast else None,
+                            upsample=upsample)
         return cams.to(x.device)
 
 
