@@ -45,3 +45,8 @@ from .cohort import CohortReport, heatmap_file, heatmap_files
 from .memory import MemoryBudgetError
 
 __all__ += ["heatmap_files", "heatmap_file", "CohortReport", "MemoryBudgetError"]
+
+# Process-wide C allocator settings for CPU runs (never applied by the library's functions).
+from .allocator import retain_freed_memory
+
+__all__ += ["retain_freed_memory"]

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..allocator import retain_freed_memory_unless_disabled
 from ..bundle import load_encoder, save_encoder
 from ..evaluation import evaluate_heatmaps
 from ..geometry import Geometry, make_geometry
@@ -498,6 +499,7 @@ _WORKER_POPULATIONS = None
 
 def _worker_start(path: str, threads: int) -> None:
     global _WORKER_POPULATIONS
+    retain_freed_memory_unless_disabled()  # a spawned process starts with glibc's defaults
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     _WORKER_POPULATIONS = torch.load(path, weights_only=False)  # the demo's own file, written just before
@@ -665,6 +667,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers must be a positive integer, got {args.workers}")
     workers = args.workers or max(1, _cpu_count() // args.threads)
+    retain_freed_memory_unless_disabled()  # tonno_fast.allocator: training and heatmaps allocate batch after batch
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
