@@ -4,9 +4,10 @@ PyTorch's CPU tensors come straight from ``malloc``, with no caching allocator a
 serves a large request (above a threshold that adapts between 128 KiB and 32 MiB) with a fresh ``mmap`` and
 returns it to the system on ``free``, so every such tensor is page-faulted in afresh, one 4 KiB page at a time,
 zeroed by the kernel. An encoder called on batches of slices allocates the same large activations batch after
-batch: measured on a 2-core machine (``benchmarks/RESULTS.md``), ToNNO with a small CNN on 64³, 64 directions,
-took 116,000 page faults and 0.52 s per call with the default settings, 216 and 0.25 s after
-:func:`retain_freed_memory` (Tomographic CAM: 0.63 → 0.37 s), at +75 MB of peak resident memory.
+batch: measured on a 2-core machine (``benchmarks/RESULTS.md``, item 22), ToNNO with a small CNN on 64³, 64
+directions, took 143,000 page faults and 0.63 s per call with the default settings, under 100 faults and
+0.29–0.33 s after :func:`retain_freed_memory` (Tomographic CAM: 0.59–0.92 → 0.44–0.48 s), for at most 60 MB more
+peak resident memory.
 
 :func:`retain_freed_memory` asks ``malloc`` to serve requests below ``mmap_threshold`` from its heap and to keep
 up to ``trim_threshold`` of freed memory there for the next request. It is process-wide and cannot be undone (it
