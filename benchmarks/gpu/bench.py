@@ -18,6 +18,12 @@ throughput (G samples/s for gathers, G updates/s for backprojections: one update
 pair), the achieved bandwidth over the compulsory traffic (inputs read once, output written once) and
 the speed-up over the reference backend measured in the same run.
 
+``--backward`` adds the adjoints: ``torch.autograd.grad`` on a graph built once per input copy (``retain_graph``),
+for each backend twice — as it runs by default (the GPU scatters use atomic adds) and under
+``torch.use_deterministic_algorithms(True)`` (their deterministic path: contributions written to slots and summed
+in a fixed order), so the cost of reproducible gradients is measured in the same run. A backend without a
+deterministic path (the reference's ``grid_sample`` backward on CUDA) reports that it failed and the others go on.
+
 ``--dry-run`` only builds and prints the problem list (no GPU needed). ``--device cpu --scale 0.125`` runs
 the whole harness on tiny problems on the CPU (wall-clock timer instead of CUDA events), to test it
 without a GPU; such numbers mean nothing.
@@ -104,7 +110,7 @@ def available(device: torch.device, wanted: Optional[List[str]]) -> Dict[str, ob
 
 
 def run(problems: List[Problem], backends: Dict[str, object], device: torch.device, l2_mb: float,
-        warmup: int, repeats: int, budget_s: float) -> List[dict]:
+        warmup: int, repeats: int, budget_s: float, backward: bool = False) -> List[dict]:
     timer = Timer(device)
     rows = []
     for p in problems:
@@ -113,21 +119,69 @@ def run(problems: List[Problem], backends: Dict[str, object], device: torch.devi
         copies = [p.make_inputs(device) for _ in range(n_copies)]
         ref_ms = None
         for name, be in backends.items():
-            try:
-                times = timer(lambda i: p.call(be, copies[i % n_copies]), warmup, repeats, budget_s)
-            except Exception as exc:  # one failing backend must not hide the others
-                print(f"# {p.op} [{p.label}] {name}: failed: {type(exc).__name__}: {exc}")
-                continue
-            ms = statistics.median(times)
-            if name == "reference":
-                ref_ms = ms
-            rows.append(dict(op=p.op, size=p.label, backend=name, ms=ms, calls=len(times),
-                             rate=p.work / (ms * 1e-3) / 1e9, unit=p.unit,
-                             gbs=(p.in_bytes + p.out_bytes) / (ms * 1e-3) / 1e9,
-                             speedup=(ref_ms / ms) if ref_ms is not None else float("nan")))
+            row = _time(timer, p, name, lambda i: p.call(be, copies[i % n_copies]), warmup, repeats, budget_s,
+                        ref_ms, "forward")
+            if row is not None:
+                ref_ms = row["ms"] if name == "reference" else ref_ms
+                rows.append(row)
         del copies
+        if backward and p.differentiable:
+            rows += _backward_rows(timer, p, backends, device, warmup, repeats, budget_s)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _time(timer, p: Problem, name: str, fn, warmup, repeats, budget_s, ref_ms, mode: str) -> Optional[dict]:
+    """One row: the median time of ``fn(i)``, or None (with a line saying why) when it raises."""
+    try:
+        times = timer(fn, warmup, repeats, budget_s)
+    except Exception as exc:  # one failing backend must not hide the others
+        print(f"# {p.op} [{p.label}] {name} {mode}: failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return None
+    ms = statistics.median(times)
+    return dict(op=p.op if mode == "forward" else f"{p.op} ({mode})", size=p.label, backend=name, ms=ms,
+                calls=len(times), rate=p.work / (ms * 1e-3) / 1e9, unit=p.unit,
+                gbs=(p.in_bytes + p.out_bytes) / (ms * 1e-3) / 1e9,
+                speedup=(ref_ms / ms) if ref_ms is not None else float("nan"))
+
+
+def _backward_rows(timer, p: Problem, backends: Dict[str, object], device: torch.device, warmup, repeats,
+                   budget_s) -> List[dict]:
+    """The adjoint of ``p`` on every backend, by default and in deterministic mode: ``torch.autograd.grad`` with
+    ``retain_graph`` on two graphs (input copies) built once, so each call runs the backward pass only."""
+    rows = []
+    ref_ms = {}
+    for name, be in backends.items():
+        graphs = []
+        try:
+            for seed in range(2):
+                inputs = p.make_inputs(device)
+                xs = [inputs[k].requires_grad_() for k in p.differentiable]
+                out = p.call(be, inputs)
+                gout = torch.rand(out.shape, generator=torch.Generator().manual_seed(3 + seed),
+                                  dtype=torch.float32).to(device=device, dtype=out.dtype)
+                graphs.append((out, xs, gout))
+        except Exception as exc:
+            print(f"# {p.op} [{p.label}] {name} backward: the forward pass failed: {type(exc).__name__}: {exc}")
+            continue
+
+        def fn(i, graphs=graphs):
+            out, xs, gout = graphs[i % 2]
+            return torch.autograd.grad(out, xs, gout, retain_graph=True)
+
+        for mode in ("backward", "backward, deterministic"):
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(mode != "backward")
+            try:
+                row = _time(timer, p, name, fn, warmup, repeats, budget_s, ref_ms.get(mode), mode)
+            finally:
+                torch.use_deterministic_algorithms(before)
+            if row is not None:
+                if name == "reference":
+                    ref_ms[mode] = row["ms"]
+                rows.append(row)
+        del graphs
     return rows
 
 
@@ -171,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--backends", default=None, help="comma-separated subset of reference,cuda,triton,cpu")
     ap.add_argument("--quick", action="store_true", help="fewer calls per measurement (2 warm-up, 5 timed)")
+    ap.add_argument("--backward", action="store_true",
+                    help="also time every adjoint, as by default (atomics on a GPU) and in deterministic mode")
     ap.add_argument("--dry-run", action="store_true", help="print the problem list and exit (no device needed)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (harness smoke test only)")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink every linear size by this factor")
@@ -200,7 +256,7 @@ def main(argv=None) -> int:
     warmup, repeats = (2, 5) if args.quick else (3, 15)
     header = describe(device)
     print(f"# {header}")
-    rows = run(problems, backends, device, args.l2_mb, warmup, repeats, args.budget_s)
+    rows = run(problems, backends, device, args.l2_mb, warmup, repeats, args.budget_s, backward=args.backward)
     print(table(rows, markdown=False))
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -81,11 +81,12 @@ else
   echo "== memcheck: compute-sanitizer not found (looked in PATH and $CUDA_HOME/bin), skipped"
 fi
 
-# 4. Benchmarks (reference, cuda, and triton when available).
+# 4. Benchmarks (reference, cuda, and triton when available): every op forward, and every adjoint with the atomic
+#    scatters and in deterministic mode (--backward).
 MD=()
 [[ -n "${OUT:-}" ]] && MD=(--markdown "$OUT/gpu_results.md")
 # shellcheck disable=SC2086
-step bench 200 "$PY" benchmarks/gpu/bench.py ${MD[@]+"${MD[@]}"} ${BENCH_ARGS:-} && cat "$LOG/bench.log"
+step bench 240 "$PY" benchmarks/gpu/bench.py --backward ${MD[@]+"${MD[@]}"} ${BENCH_ARGS:-} && cat "$LOG/bench.log"
 
 # 5. The three pipelines end to end with a ResNet-18 under bf16 autocast, split into slicing / encoder /
 #    reconstruction.
