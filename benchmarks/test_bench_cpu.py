@@ -51,10 +51,5 @@ def test_forward(run_case, problem, backend):
 @pytest.mark.parametrize("problem", BACKWARD, ids=lambda p: p.name)
 def test_backward(run_case, problem, backend):
     """``torch.autograd.grad`` on a graph built once (retain_graph), for the problem's differentiable inputs."""
-    be, inputs = get_backend(backend, CPU), problem.make_inputs(CPU)
-    grads = [inputs[k].requires_grad_() for k in problem.differentiable]
-    out = problem.call(be, inputs)
-    gout = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
-    run_case(f"backward {problem.name}", backend,
-             lambda: torch.autograd.grad(out, grads, gout, retain_graph=True), problem.work, problem.unit,
-             rounds=_rounds(problem, backend))
+    run_case(f"backward {problem.name}", backend, problem.backward(get_backend(backend, CPU), CPU), problem.work,
+             problem.unit, rounds=_rounds(problem, backend))

@@ -153,22 +153,14 @@ def _backward_rows(timer, p: Problem, backends: Dict[str, object], device: torch
     rows = []
     ref_ms = {}
     for name, be in backends.items():
-        graphs = []
         try:
-            for seed in range(2):
-                inputs = p.make_inputs(device)
-                xs = [inputs[k].requires_grad_() for k in p.differentiable]
-                out = p.call(be, inputs)
-                gout = torch.rand(out.shape, generator=torch.Generator().manual_seed(3 + seed),
-                                  dtype=torch.float32).to(device=device, dtype=out.dtype)
-                graphs.append((out, xs, gout))
+            graphs = [p.backward(be, device, seed=3 + k) for k in range(2)]
         except Exception as exc:
             print(f"# {p.op} [{p.label}] {name} backward: the forward pass failed: {type(exc).__name__}: {exc}")
             continue
 
         def fn(i, graphs=graphs):
-            out, xs, gout = graphs[i % 2]
-            return torch.autograd.grad(out, xs, gout, retain_graph=True)
+            return graphs[i % 2]()
 
         for mode in ("backward", "backward, deterministic"):
             before = torch.are_deterministic_algorithms_enabled()

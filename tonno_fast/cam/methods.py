@@ -146,7 +146,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layers, score_fn: Cal
                          f"{getattr(scores, 'shape', type(scores).__name__)}")
     acts_t = [a[0] for a in acts]
     K = scores.shape[1]
-    cams, resample = [], None  # resample: whether each layer's map is brought to `size` (decided on target 0)
+    cams = []
     for k in range(K):
         grads = torch.autograd.grad(scores[:, k].sum(), acts_t, retain_graph=k < K - 1, allow_unused=True)
         per_layer = []
@@ -160,9 +160,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layers, score_fn: Cal
                 raise ValueError(f"target layer activations must be (M, C, h', w') (use reshape_transform for "
                                  f"token outputs), got shape {tuple(A.shape)}")
             per_layer.append(combine(A.float(), G.float()))
-        if resample is None:
-            resample = upsample or len({tuple(c.shape[-2:]) for c in per_layer}) > 1
-        if resample:
+        if upsample or len({tuple(c.shape[-2:]) for c in per_layer}) > 1:
             per_layer = [c if tuple(c.shape[-2:]) == size else
                          F.interpolate(c[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                          for c in per_layer]

@@ -41,6 +41,16 @@ class Problem:
     def name(self) -> str:
         return f"{self.op} {self.label}"
 
+    def backward(self, backend, device: torch.device, seed: int = 3) -> Callable[[], tuple]:
+        """The timed call of a backward benchmark: the forward graph is built here, once (inputs on ``device``,
+        the :attr:`differentiable` ones requiring grad, an incoming gradient drawn with ``seed``); each call of
+        the returned function runs ``torch.autograd.grad`` on it (``retain_graph``), the backward pass alone."""
+        inputs = self.make_inputs(device)
+        xs = [inputs[k].requires_grad_() for k in self.differentiable]
+        out = self.call(backend, inputs)
+        gout = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=out.dtype)
+        return lambda: torch.autograd.grad(out, xs, gout, retain_graph=True)
+
 
 def rotations(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     """``n`` random ``affine_grid`` thetas ``(n, 3, 4)``: rotations about z then y, no shift."""
