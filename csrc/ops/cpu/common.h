@@ -96,7 +96,10 @@ inline bool taps3(const T x[3], int64_t n0, int64_t n1, int64_t n2, Taps<T>& t0,
 template <typename T>
 inline bool line_taps3(const T x[3], const T step[3], int64_t j, int64_t n0, int64_t n1, int64_t n2, Taps<T>& t0,
                        Taps<T>& t1, Taps<T>& t2) {
-  const T p[3] = {x[0] + T(j) * step[0], x[1] + T(j) * step[1], x[2] + T(j) * step[2]};
+  // Written as fused multiply-adds, as interior_taps writes them: the general and the fast path must give a point
+  // the same coordinates, bitwise (scatter_grid mixes them by slab, and slabs depend on the thread count).
+  const T jj = T(j);
+  const T p[3] = {std::fma(jj, step[0], x[0]), std::fma(jj, step[1], x[1]), std::fma(jj, step[2], x[2])};
   return taps3(p, n0, n1, n2, t0, t1, t2);
 }
 
@@ -121,7 +124,8 @@ inline void map_row(const T* M, T a, T b, T x[3], T step[3]) {
 
 // NOTE: walking slices in column tiles of 32 (to keep the voxels of consecutive rows in L1) was measured
 // slower (slice_volume 0.178 -> 0.149 G samples/s per core, radon 0.83 -> 0.50): the per-row set-up
-// (plan_row, taps) costs more than the cache misses it saves. Rows are walked whole.
+// (plan_row, taps) costs more than the cache misses it saves. Measured again with the row plans cached per
+// band (benchmarks/RESULTS.md, item 23): tiles of 16-64 pixels 1.1-1.8x slower. Rows are walked whole.
 
 // ---------------------------------------------------------------------------------------------------------
 // Row plans. A row of points x(j) = x + j*step, j in [0, n), splits into: points outside [j0, j1) (they read
@@ -181,7 +185,7 @@ inline InteriorTaps<T>& interior_taps(const T x[3], const T step[3], int64_t n0,
 #pragma omp simd
   for (int32_t j = 0; j < static_cast<int32_t>(m); ++j) {
     const T jj = T(jbase + j);
-    const T p0 = x0 + jj * d0, p1 = x1 + jj * d1, p2 = x2 + jj * d2;
+    const T p0 = std::fma(jj, d0, x0), p1 = std::fma(jj, d1, x1), p2 = std::fma(jj, d2, x2);  // as line_taps3
     const int32_t i0 = maths::interior_floor(p0, top0), i1 = maths::interior_floor(p1, top1),
                   i2 = maths::interior_floor(p2, top2);
     g0[j] = p0 - T(i0);
@@ -371,8 +375,13 @@ template <typename T, typename TargetFn, typename ValueFn>
 void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const T* maps, int64_t A,
                   int64_t Bn, int64_t Cn, int64_t Q, const TargetFn& target, const ValueFn& value) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // About 4 slabs per thread for load balance, but at least 4 voxels thick to bound the overhead.
-  const int64_t thick = std::max<int64_t>(4, (D + 4 * threads - 1) / (4 * threads));
+  // Two slabs per thread (one on a single thread), at least 4 voxels thick. Every slab visits every row that
+  // crosses it, and the set-up of a row (clipping, taps) costs more than its few points inside a thin slab:
+  // radon's adjoint at 64^3 (2 threads) took 0.30-0.35 s with 4 slabs per thread, 0.23-0.25 s with 2 and
+  // 0.18-0.20 s with 1 (benchmarks/RESULTS.md, item 24). Two rather than one so that dynamic scheduling can
+  // still even out slabs of unequal work (the middle of a sphere of samples holds more than its caps).
+  const int64_t per_thread = threads > 1 ? 2 : 1;
+  const int64_t thick = std::max<int64_t>(4, (D + per_thread * threads - 1) / (per_thread * threads));
   const int64_t n_slabs = (D + thick - 1) / thick;
   const int64_t DHW = D * H * W, HW = H * W;
   parallel_for_dynamic(n_slabs, [&](int64_t slab) {
@@ -405,15 +414,16 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
             c0 = std::max(c0, f);
             c1 = std::min(c1, l);
           }
-          for (int64_t c = c0; c < c1; ++c) {
+          // General path, one point: per-tap validity, only the d-taps inside this slab.
+          const auto point = [&](int64_t c) {
             Taps<T> t0, t1, t2;
-            if (!line_taps3(x, step, c, D, H, W, t0, t1, t2)) continue;
+            if (!line_taps3(x, step, c, D, H, W, t0, t1, t2)) return;
             // Keep only the d-taps inside this slab (the others belong to another thread's slab).
             const int64_t id[2] = {t0.i0, t0.i1};
             const T wd[2] = {t0.w0, t0.w1};
             bool keep[2];
             for (int k = 0; k < 2; ++k) keep[k] = wd[k] != T(0) && id[k] >= dlo && id[k] < dhi;
-            if (!keep[0] && !keep[1]) continue;
+            if (!keep[0] && !keep[1]) return;
             const int64_t oh[2] = {t1.i0 * W, t1.i1 * W}, ow[2] = {t2.i0, t2.i1};
             const T wh[2] = {t1.w0, t1.w1}, ww[2] = {t2.w0, t2.w1};
             for (int64_t q = 0; q < Q; ++q) {
@@ -425,12 +435,49 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
                 T* od = o + id[k] * HW;
                 for (int m = 0; m < 2; ++m) {
                   const T vm = vk * wh[m];
-                  od[oh[m] + ow[0]] += vm * ww[0];
-                  od[oh[m] + ow[1]] += vm * ww[1];
+                  od[oh[m] + ow[0]] = std::fma(vm, ww[0], od[oh[m] + ow[0]]);
+                  od[oh[m] + ow[1]] = std::fma(vm, ww[1], od[oh[m] + ow[1]]);
+                }
+              }
+            }
+          };
+          // Fast path: the points whose eight corners lie in the array (plan_row's interior) with both d-taps
+          // in this slab (0 <= x_d - dlo <= dhi - 1 - dlo, inner_range): lower corners and fractions of the
+          // whole run at once (interior_taps, vectorised), no per-tap tests. Same weights, same products in the
+          // same order as the general path, and points still in increasing c: bitwise the same sums.
+          int64_t e0 = c1, e1 = c1;
+          if (dhi - dlo >= 2) {
+            const RowPlan r = plan_row(x, step, D, H, W, Cn);
+            int64_t f = 0, l = 0;
+            maths::inner_range<T>(x[0], step[0], T(dlo), T(dhi - 1), Cn, f, l);
+            const int64_t lo_c = std::max(std::max(c0, r.k0), f), hi_c = std::min(std::min(c1, r.k1), l);
+            if (hi_c > lo_c) {
+              e0 = lo_c;
+              e1 = hi_c;
+            }
+          }
+          for (int64_t c = c0; c < e0; ++c) point(c);
+          if (e1 > e0) {
+            const InteriorTaps<T>& it = interior_taps(x, step, D, H, W, e0, e1);
+            for (int64_t e = 0; e < e1 - e0; ++e) {
+              const T g0 = it.f0[e], g1 = it.f1[e], g2 = it.f2[e];
+              const T wd[2] = {T(1) - g0, g0}, wh[2] = {T(1) - g1, g1}, ww[2] = {T(1) - g2, g2};
+              for (int64_t q = 0; q < Q; ++q) {
+                const T v = value(job, q, a, b, e0 + e);
+                T* o = base_out + q * DHW + it.off[e];
+                for (int k = 0; k < 2; ++k) {
+                  const T vk = v * wd[k];
+                  T* od = o + k * HW;
+                  for (int m = 0; m < 2; ++m) {
+                    const T vm = vk * wh[m];
+                    od[m * W] = std::fma(vm, ww[0], od[m * W]);  // as point()
+                    od[m * W + 1] = std::fma(vm, ww[1], od[m * W + 1]);
+                  }
                 }
               }
             }
           }
+          for (int64_t c = e1; c < c1; ++c) point(c);
         }
       }
     }
