@@ -414,37 +414,47 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
             c0 = std::max(c0, f);
             c1 = std::min(c1, l);
           }
-          // General path, one point: per-tap validity, only the d-taps inside this slab.
-          const auto point = [&](int64_t c) {
-            Taps<T> t0, t1, t2;
-            if (!line_taps3(x, step, c, D, H, W, t0, t1, t2)) return;
-            // Keep only the d-taps inside this slab (the others belong to another thread's slab).
-            const int64_t id[2] = {t0.i0, t0.i1};
-            const T wd[2] = {t0.w0, t0.w1};
-            bool keep[2];
-            for (int k = 0; k < 2; ++k) keep[k] = wd[k] != T(0) && id[k] >= dlo && id[k] < dhi;
-            if (!keep[0] && !keep[1]) return;
-            const int64_t oh[2] = {t1.i0 * W, t1.i1 * W}, ow[2] = {t2.i0, t2.i1};
-            const T wh[2] = {t1.w0, t1.w1}, ww[2] = {t2.w0, t2.w1};
+          // Adds what point c of the row gives to its eight corners, o + od[k] + oh[m] + ow[n] in each output array
+          // (d-taps with keep[k] false belong to another slab). Both paths below call it, so a point's products
+          // and their order are the same whichever path takes it.
+          const auto spread = [&](int64_t c, const int64_t od[2], const bool keep[2], const int64_t oh[2],
+                                  const int64_t ow[2], const T wd[2], const T wh[2], const T ww[2])
+#if defined(__GNUC__)
+              __attribute__((always_inline))
+#endif
+          {
             for (int64_t q = 0; q < Q; ++q) {
               const T v = value(job, q, a, b, c);
               T* o = base_out + q * DHW;
               for (int k = 0; k < 2; ++k) {
                 if (!keep[k]) continue;
                 const T vk = v * wd[k];
-                T* od = o + id[k] * HW;
+                T* ok = o + od[k];
                 for (int m = 0; m < 2; ++m) {
                   const T vm = vk * wh[m];
-                  od[oh[m] + ow[0]] = std::fma(vm, ww[0], od[oh[m] + ow[0]]);
-                  od[oh[m] + ow[1]] = std::fma(vm, ww[1], od[oh[m] + ow[1]]);
+                  ok[oh[m] + ow[0]] = std::fma(vm, ww[0], ok[oh[m] + ow[0]]);
+                  ok[oh[m] + ow[1]] = std::fma(vm, ww[1], ok[oh[m] + ow[1]]);
                 }
               }
             }
           };
+          // General path, one point: per-tap validity, only the d-taps inside this slab.
+          const auto point = [&](int64_t c) {
+            Taps<T> t0, t1, t2;
+            if (!line_taps3(x, step, c, D, H, W, t0, t1, t2)) return;
+            const int64_t od[2] = {t0.i0 * HW, t0.i1 * HW};
+            const T wd[2] = {t0.w0, t0.w1};
+            const bool keep[2] = {wd[0] != T(0) && t0.i0 >= dlo && t0.i0 < dhi,
+                                  wd[1] != T(0) && t0.i1 >= dlo && t0.i1 < dhi};
+            if (!keep[0] && !keep[1]) return;
+            const int64_t oh[2] = {t1.i0 * W, t1.i1 * W}, ow[2] = {t2.i0, t2.i1};
+            const T wh[2] = {t1.w0, t1.w1}, ww[2] = {t2.w0, t2.w1};
+            spread(c, od, keep, oh, ow, wd, wh, ww);
+          };
           // Fast path: the points whose eight corners lie in the array (plan_row's interior) with both d-taps
           // in this slab (0 <= x_d - dlo <= dhi - 1 - dlo, inner_range): lower corners and fractions of the
-          // whole run at once (interior_taps, vectorised), no per-tap tests. Same weights, same products in the
-          // same order as the general path, and points still in increasing c: bitwise the same sums.
+          // whole run at once (interior_taps, vectorised), no per-tap tests. Same weights as the general path,
+          // points still in increasing c: bitwise the same sums.
           int64_t e0 = c1, e1 = c1;
           if (dhi - dlo >= 2) {
             const RowPlan r = plan_row(x, step, D, H, W, Cn);
@@ -459,22 +469,13 @@ void scatter_grid(T* out, int64_t D, int64_t H, int64_t W, int64_t n_jobs, const
           for (int64_t c = c0; c < e0; ++c) point(c);
           if (e1 > e0) {
             const InteriorTaps<T>& it = interior_taps(x, step, D, H, W, e0, e1);
+            const bool keep[2] = {true, true};
+            const int64_t oh[2] = {0, W}, ow[2] = {0, 1};
             for (int64_t e = 0; e < e1 - e0; ++e) {
               const T g0 = it.f0[e], g1 = it.f1[e], g2 = it.f2[e];
               const T wd[2] = {T(1) - g0, g0}, wh[2] = {T(1) - g1, g1}, ww[2] = {T(1) - g2, g2};
-              for (int64_t q = 0; q < Q; ++q) {
-                const T v = value(job, q, a, b, e0 + e);
-                T* o = base_out + q * DHW + it.off[e];
-                for (int k = 0; k < 2; ++k) {
-                  const T vk = v * wd[k];
-                  T* od = o + k * HW;
-                  for (int m = 0; m < 2; ++m) {
-                    const T vm = vk * wh[m];
-                    od[m * W] = std::fma(vm, ww[0], od[m * W]);  // as point()
-                    od[m * W + 1] = std::fma(vm, ww[1], od[m * W + 1]);
-                  }
-                }
-              }
+              const int64_t od[2] = {it.off[e], it.off[e] + HW};
+              spread(e0 + e, od, keep, oh, ow, wd, wh, ww);
             }
           }
           for (int64_t c = e1; c < c1; ++c) point(c);
