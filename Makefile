@@ -74,7 +74,7 @@ sdist-smoke: sdist
 # build is CPU-only, so the check that a CUDA build holds every CUDA kernel does not apply.
 ASAN_DIR      := build/asan
 ASAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -fno-wrapv -g
-ASAN_TESTS    ?= tests/ops tests/test_bad_inputs.py tests/test_fuzz.py tests/test_determinism.py
+ASAN_TESTS    ?= tests/ops tests/test_bad_inputs.py tests/test_fuzz.py tests/test_determinism.py tests/test_cpu_pool.py
 ASAN_EXAMPLES ?= 10
 
 .PHONY: asan

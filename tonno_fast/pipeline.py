@@ -15,7 +15,9 @@ Peak memory is set by ``max_memory`` (bytes), never by ``N × S``:
 
 plus what does not depend on the geometry's size: the volume, the output accumulator, the encoder's
 activations for one batch (``batch_size``), and the backend's own temporaries (the reference backend's
-coordinate grids, ≤ 256 MiB). A CAM buffer always holds at least one whole direction (``K × S × h × w``),
+coordinate grids, ≤ 256 MiB). On the CPU, memory freed during the loop is kept for reuse, up to
+``max_memory / 4`` (:func:`tonno_fast.allocator.reuse_cpu_memory`), so that each batch does not page-fault its
+memory in afresh; it mostly holds what the next item or batch takes again. A CAM buffer always holds at least one whole direction (``K × S × h × w``),
 because the filter and the trilinear backprojection need every slice of a stack.
 
 Slice ranges of a direction are the geometry's own stacks moved along their normals
@@ -31,6 +33,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .allocator import reuse_cpu_memory
 from .distributed import all_or_none, reconstruct_split, split_directions
 from .encoder import Encoder, as_encoder
 from .geometry import Geometry, make_geometry
@@ -202,48 +205,52 @@ def encode_chunks(slicer, encoder: Encoder, compute: Callable[[torch.Tensor], to
         bar = tqdm(total=B * N * S, desc="encoding slices", unit="slice")
     K = None
     storage = None  # the chunk buffers' memory, allocated once per call (fresh pages are faulted in once)
-    try:
-        for n0 in range(0, N, n_chunk):
-            n1 = min(N, n0 + n_chunk)
-            buffer = None
-            for a0 in range(n0, n1, n_item):
-                a1 = min(n1, a0 + n_item)
-                for k0 in range(0, S, L):
-                    k1 = min(S, k0 + L)
-                    with timer("slicing"):
-                        x = encoder.assemble(slicer(a0, a1, k0 - halo, k1 + halo), stats)
-                        flat = x.reshape(-1, *x.shape[3:])  # (B·n·L, c, h, w), b slowest
-                    for m0 in range(0, flat.shape[0], batch_size):
-                        batch = flat[m0:m0 + batch_size]
-                        with timer("encoder"):
-                            res = compute(batch)  # (M, K, ...)
-                        # Per batch: a mismatch would otherwise fail below with a message about tensors.
-                        if res.ndim < 2 or res.shape[0] != batch.shape[0]:
-                            raise ValueError(f"encoder returned shape {tuple(res.shape)} for {batch.shape[0]} slices, "
-                                             f"expected ({batch.shape[0]}, K, ...)")
-                        if K is None:
-                            K = res.shape[1]
-                        elif res.shape[1] != K:
-                            raise ValueError(f"encoder returned {res.shape[1]} outputs per slice, earlier {K}")
-                        if bar is not None:
-                            bar.update(res.shape[0])
-                        if buffer is None:
-                            if on_outputs is not None and n0 == 0:
-                                on_outputs(K)
-                            shape = (B, K, n1 - n0, S) + tuple(res.shape[2:])
-                            if storage is None:
-                                storage = torch.empty(math.prod((B, K, n_chunk) + shape[3:]), dtype=buffer_dtype,
-                                                      device=vol.device)
-                            buffer = storage[:math.prod(shape)].view(shape)
-                        _store_batch(buffer, res, m0, a0 - n0, a1 - a0, k0, k1 - k0)
-                        del batch, res
-                    del x, flat
-            with timer("reconstruction"):
-                finish(n0, n1, buffer)
-            del buffer
-    finally:
-        if bar is not None:
-            bar.close()
+    # Slices, their assembled copies and the encoder's activations are freed and allocated again item after
+    # item and batch after batch: on the CPU the pool keeps the freed memory for them, so it is faulted in once
+    # per call (tonno_fast.allocator.reuse_cpu_memory).
+    with reuse_cpu_memory(budget // 4):
+        try:
+            for n0 in range(0, N, n_chunk):
+                n1 = min(N, n0 + n_chunk)
+                buffer = None
+                for a0 in range(n0, n1, n_item):
+                    a1 = min(n1, a0 + n_item)
+                    for k0 in range(0, S, L):
+                        k1 = min(S, k0 + L)
+                        with timer("slicing"):
+                            x = encoder.assemble(slicer(a0, a1, k0 - halo, k1 + halo), stats)
+                            flat = x.reshape(-1, *x.shape[3:])  # (B·n·L, c, h, w), b slowest
+                        for m0 in range(0, flat.shape[0], batch_size):
+                            batch = flat[m0:m0 + batch_size]
+                            with timer("encoder"):
+                                res = compute(batch)  # (M, K, ...)
+                            # Per batch: a mismatch would otherwise fail below with a message about tensors.
+                            if res.ndim < 2 or res.shape[0] != batch.shape[0]:
+                                raise ValueError(f"encoder returned shape {tuple(res.shape)} for {batch.shape[0]} "
+                                                 f"slices, expected ({batch.shape[0]}, K, ...)")
+                            if K is None:
+                                K = res.shape[1]
+                            elif res.shape[1] != K:
+                                raise ValueError(f"encoder returned {res.shape[1]} outputs per slice, earlier {K}")
+                            if bar is not None:
+                                bar.update(res.shape[0])
+                            if buffer is None:
+                                if on_outputs is not None and n0 == 0:
+                                    on_outputs(K)
+                                shape = (B, K, n1 - n0, S) + tuple(res.shape[2:])
+                                if storage is None:
+                                    storage = torch.empty(math.prod((B, K, n_chunk) + shape[3:]), dtype=buffer_dtype,
+                                                          device=vol.device)
+                                buffer = storage[:math.prod(shape)].view(shape)
+                            _store_batch(buffer, res, m0, a0 - n0, a1 - a0, k0, k1 - k0)
+                            del batch, res
+                        del x, flat
+                with timer("reconstruction"):
+                    finish(n0, n1, buffer)
+                del buffer
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def encode_slices(volume, geometry: Geometry, encoder: Callable, *, batch_size: Optional[int] = None,
