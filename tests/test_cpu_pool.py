@@ -173,3 +173,25 @@ def test_a_process_forked_in_a_scope_can_allocate():
             os.waitpid(pid, 0)
         assert done and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
         del a
+
+
+def test_training_and_evaluation_open_a_scope_and_give_the_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.rand(20, 21, 22, generator=g) for _ in range(4)]
+
+    def run():
+        sampler = tf.ObliqueSliceSampler(vols, [0, 1, 0, 1], spacing=(1.0, 1.0, 1.0), slice_size=32, seed=0)
+        net = lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),  # noqa: E731
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+        h = tf.train_encoder(net, sampler, steps=4, batch_size=32, seed=3)
+        return h.encoder.state_dict(), tf.evaluate_encoder(h.encoder, sampler, n_slices=64, batch_size=32)
+
+    monkeypatch.setenv(allocator.POOL_ENV_SWITCH, "0")
+    h0 = allocator.cpu_pool_stats()["hits"]
+    off = run()
+    assert allocator.cpu_pool_stats()["hits"] == h0
+    monkeypatch.setenv(allocator.POOL_ENV_SWITCH, "1")
+    on = run()
+    assert allocator.cpu_pool_stats()["hits"] > h0
+    assert all(torch.equal(on[0][k], off[0][k]) for k in off[0])  # the same weights, bit for bit
+    assert on[1] == off[1]

@@ -13,14 +13,15 @@ Two remedies:
 
 * :func:`reuse_cpu_memory`, a scope (``with`` block) in which memory freed by CPU tensors is kept by the
   compiled extension's pool (``csrc/memory/cpu_pool.cpp``) for the next tensor of about its size, and returned
-  to the system when the scope closes. Nothing outside the scope changes, so the library's pipelines open one
-  for the length of each call (``TONNO_FAST_CPU_POOL=0`` turns that off). It needs the compiled extension;
+  to the system when the scope closes. Nothing outside the scope changes, so the library's pipelines,
+  ``train_encoder`` and ``evaluate_encoder`` open one for the length of each call (``TONNO_FAST_CPU_POOL=0``
+  turns that off). It needs the compiled extension;
   without it the scope does nothing.
 * :func:`retain_freed_memory` asks ``malloc`` to serve requests below ``mmap_threshold`` from its heap and to
   keep up to ``trim_threshold`` of freed memory there for the next request. It is process-wide and cannot be
   undone (it turns off glibc's adaptive threshold), so the library's functions never call it; the applications
   do (the ``tonno-fast`` command line and the demo, unless ``TONNO_FAST_RETAIN_FREED_MEMORY=0``), and a script
-  can call it first thing: it also covers work outside the pipelines (training, evaluation). It does nothing
+  can call it first thing: it also covers the caller's own loops and keeps memory across calls. It does nothing
   outside glibc (macOS, Windows, musl) and when ``GLIBC_TUNABLES`` already sets ``malloc`` options (the user's
   own choice wins). Other remedies with the same aim: jemalloc or tcmalloc through ``LD_PRELOAD``, as
   PyTorch's CPU performance guide suggests.

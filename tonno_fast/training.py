@@ -32,9 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as du
+from .allocator import reuse_cpu_memory
 from .evaluation import roc_auc
 from .sampler import BagBatch, ObliqueSliceSampler
 from .validation import positive_int
+
+#: Freed CPU memory kept for reuse during training (tonno_fast.allocator.reuse_cpu_memory). A small CNN on 96²
+#: slices, 64 per step, trained as fast with 1 GiB (benchmarks/RESULTS.md, item 26).
+TRAINING_POOL_LIMIT = 256 << 20
 
 __all__ = ["train_encoder", "evaluate_encoder", "pool_bags", "TrainingHistory", "OBJECTIVES", "POOLINGS"]
 
@@ -331,13 +336,17 @@ def train_encoder(encoder, sampler: ObliqueSliceSampler, *, steps: Optional[int]
         if validation is not None and ranks.is_main:
             validator = _Validator(validation, positive_int(validation_size, "validation_size"), bag_size,
                                    bag_spacing, pooling, float(pooling_r), 256)
-        _train_loop(encoder, model, ranks, sampler, history, validator, validation is not None, steps=steps, seconds=seconds, batch_size=batch_size,
-                    objective=objective, bags_per_step=bags_per_step, bag_size=bag_size, bag_spacing=bag_spacing,
-                    pooling=pooling, r=float(pooling_r), slice_weight=float(slice_weight), optimizer=optimizer,
-                    lr=lr, warmup_steps=warmup_steps, scheduler=scheduler, pos_weight=pos_weight,
-                    transform=transform, validate_every=validate_every, monitor=monitor, keep_best=keep_best,
-                    patience=patience, chance_tolerance=float(chance_tolerance), chance_steps=int(chance_steps),
-                    progress=progress, log_every=log_every)
+        # Every step allocates the same slices, activations and gradients again: on the CPU the pool keeps the
+        # freed memory for the next step instead of page-faulting it in afresh (tonno_fast.allocator).
+        with reuse_cpu_memory(TRAINING_POOL_LIMIT):
+            _train_loop(encoder, model, ranks, sampler, history, validator, validation is not None, steps=steps,
+                        seconds=seconds, batch_size=batch_size, objective=objective, bags_per_step=bags_per_step,
+                        bag_size=bag_size, bag_spacing=bag_spacing, pooling=pooling, r=float(pooling_r),
+                        slice_weight=float(slice_weight), optimizer=optimizer, lr=lr, warmup_steps=warmup_steps,
+                        scheduler=scheduler, pos_weight=pos_weight, transform=transform,
+                        validate_every=validate_every, monitor=monitor, keep_best=keep_best, patience=patience,
+                        chance_tolerance=float(chance_tolerance), chance_steps=int(chance_steps),
+                        progress=progress, log_every=log_every)
     encoder.eval()
     return history
 
@@ -465,13 +474,14 @@ def evaluate_encoder(encoder: Callable, sampler: ObliqueSliceSampler, *, n_slice
         encoder.eval()
     scores, labels, crosses = [], [], []
     done = 0
-    while done < n_slices:
-        b = sampler.sample(min(batch_size, n_slices - done))
-        scores.append(_logits(encoder, b.slices).float().cpu())
-        labels.append(b.labels.reshape(-1).cpu())
-        if b.aux is not None:
-            crosses.append((b.aux.float().flatten(1).amax(1) > 0.5).cpu())
-        done += b.slices.shape[0]
+    with reuse_cpu_memory(TRAINING_POOL_LIMIT):  # batch after batch of slices and activations, as in training
+        while done < n_slices:
+            b = sampler.sample(min(batch_size, n_slices - done))
+            scores.append(_logits(encoder, b.slices).float().cpu())
+            labels.append(b.labels.reshape(-1).cpu())
+            if b.aux is not None:
+                crosses.append((b.aux.float().flatten(1).amax(1) > 0.5).cpu())
+            done += b.slices.shape[0]
     s = torch.cat(scores).numpy()
     y = torch.cat(labels).numpy() > 0.5
     out = {"n_slices": int(s.size), "accuracy": float(((s > threshold) == y).mean()), "auc": roc_auc(s, y)}
