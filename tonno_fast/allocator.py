@@ -15,8 +15,7 @@ Two remedies:
   compiled extension's pool (``csrc/memory/cpu_pool.cpp``) for the next tensor of about its size, and returned
   to the system when the scope closes. Nothing outside the scope changes, so the library's pipelines,
   ``train_encoder`` and ``evaluate_encoder`` open one for the length of each call (``TONNO_FAST_CPU_POOL=0``
-  turns that off). It needs the compiled extension;
-  without it the scope does nothing.
+  turns that off). It needs the compiled extension; without it the scope does nothing.
 * :func:`retain_freed_memory` asks ``malloc`` to serve requests below ``mmap_threshold`` from its heap and to
   keep up to ``trim_threshold`` of freed memory there for the next request. It is process-wide and cannot be
   undone (it turns off glibc's adaptive threshold), so the library's functions never call it; the applications
@@ -39,7 +38,8 @@ __all__ = ["reuse_cpu_memory", "cpu_pool_stats", "retain_freed_memory", "retain_
 
 #: Freed memory :func:`reuse_cpu_memory` keeps at most, by default.
 DEFAULT_POOL_LIMIT = 1 << 30
-#: Environment variable: ``0`` stops the pipelines from opening a :func:`reuse_cpu_memory` scope.
+#: Environment variable: ``0`` stops the pipelines, ``train_encoder`` and ``evaluate_encoder`` from opening a
+#: :func:`reuse_cpu_memory` scope.
 POOL_ENV_SWITCH = "TONNO_FAST_CPU_POOL"
 
 #: Requests below this are served from malloc's heap (256 MiB: the slices in flight of the default
