@@ -17,8 +17,9 @@ plus what does not depend on the geometry's size: the volume, the output accumul
 activations for one batch (``batch_size``), and the backend's own temporaries (the reference backend's
 coordinate grids, ≤ 256 MiB). On the CPU, memory freed during the loop is kept for reuse, up to
 ``max_memory / 4`` (:func:`tonno_fast.allocator.reuse_cpu_memory`), so that each batch does not page-fault its
-memory in afresh; it mostly holds what the next item or batch takes again. A CAM buffer always holds at least one whole direction (``K × S × h × w``),
-because the filter and the trilinear backprojection need every slice of a stack.
+memory in afresh; it mostly holds what the next item or batch takes again. A CAM buffer always holds at least
+one whole direction (``K × S × h × w``), because the filter and the trilinear backprojection need every slice of
+a stack.
 
 Slice ranges of a direction are the geometry's own stacks moved along their normals
 (:meth:`~tonno_fast.geometry.Geometry.with_slices`), which is also how the context slices at ``k ± step`` beyond

@@ -66,8 +66,7 @@ class CpuPool final : public c10::Allocator {
   bool enter(int64_t limit) {
     {
       std::lock_guard<std::mutex> g(mutex_);
-      if (!tried_install_) {
-        tried_install_ = true;
+      if (base_ == nullptr) {  // the first scope: install the pool, once
         base_ = c10::GetCPUAllocator();
         c10::SetCPUAllocator(this, /*priority=*/0);  // replaces PyTorch's default (priority 0), not a higher one
       }
@@ -175,7 +174,7 @@ class CpuPool final : public c10::Allocator {
 
   std::mutex mutex_;
   std::atomic<int64_t> depth_{0};
-  bool tried_install_ = false, installed_ = false;
+  bool installed_ = false;
   c10::Allocator* base_ = nullptr;
   size_t limit_ = 0, cached_ = 0, pooled_ = 0;
   int64_t hits_ = 0, misses_ = 0;
